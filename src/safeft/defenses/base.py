@@ -1,0 +1,194 @@
+"""The Defense interface every method implements, and the name registry.
+
+A defense is plain SFT plus terms. The trainer calls, in order:
+
+1. ``modify_dataset(examples, ctx)`` once, before tokenisation (SafeInstr mixes refusals in here);
+2. ``prepare(model, ctx)`` once, before the first step, with the trainable model (peft-wrapped for LoRA): load or
+   compute cached artifacts, build frozen references, check requirements. Fail here, never mid-run;
+3. for every micro-batch: ``transform_batch(model, inputs, step)`` (Lisa swaps in alignment batches), the task
+   forward pass, then ``loss_terms(model, inputs, outputs)`` -> ``{name: weighted scalar}``; the trainer adds
+   them to the task loss and logs each under its name;
+4. ``after_step(model)`` after every optimizer step, on every rank (CWAC projects the weights here);
+5. ``finalize(model)`` once after training (SafeLoRA projects here).
+
+``state_dict()``/``load_state_dict()`` carry any mutable state across checkpoints (resume).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from safeft.errors import SafeFTError
+
+
+@dataclass
+class DefenseConfig:
+    """Base for every defense's config. Subclasses add fields with defaults and validate in ``__post_init__``,
+    raising :class:`SafeFTError` that names the field (``defense.<name>.<field>``) and its allowed range."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DefenseContext:
+    """Everything a defense may need beyond the model. Built by the training pipeline.
+
+    aligned_model_path: local safetensors dir of θ₀ (the model whose safety we keep).
+    base_model_path: local dir of θ_b, the unaligned base, or None.
+    fingerprint: stable hash of θ₀'s weights; artifacts are keyed by it.
+    artifacts_dir: where this defense caches artifacts for θ₀ (``<cache>/artifacts/<fingerprint>/``).
+    load_model: ``load_model(path) -> PreTrainedModel`` (frozen, eval mode, same dtype/device as training).
+    anchor_pool / harmless_pool: harmful prompts (candidates for anchors) and harmless prompts, never task data.
+    refusal_pairs: (harmful prompt, refusal) pairs, for artifacts that need θ₀'s refusals.
+    eval_prompts: every prompt the evaluation will use; artifacts must be disjoint from them.
+    """
+
+    tokenizer: Any
+    template: str = "chat"
+    aligned_model_path: str | None = None
+    base_model_path: str | None = None
+    fingerprint: str = ""
+    artifacts_dir: Path | None = None
+    load_model: Callable[[str], Any] | None = None
+    anchor_pool: list[str] = field(default_factory=list)
+    harmless_pool: list[str] = field(default_factory=list)
+    refusal_pairs: list[tuple[str, str]] = field(default_factory=list)
+    alignment_examples: list[Any] = field(default_factory=list)
+    eval_prompts: list[str] = field(default_factory=list)
+    use_lora: bool = True
+    max_length: int = 512
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    output_dir: Path | None = None
+    collate: Callable[[list[Any]], dict] | None = None  # tokenised Example list -> batch dict
+
+
+class Defense:
+    """Base class: the null defense. Subclasses override only what they need."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[DefenseConfig]] = DefenseConfig
+    paper: ClassVar[str] = ""
+    artifacts: ClassVar[str] = "none"
+    needs_base_model: ClassVar[bool] = False
+    requires_lora: ClassVar[bool] = False
+    # defenses that cannot share a run with this one (by name)
+    incompatible_with: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def incompatible_with_reason(cls, other: str) -> str:
+        return f"does not compose with {other}"
+
+    def __init__(self, config: DefenseConfig | None = None):
+        self.config = config if config is not None else self.config_class()
+
+    # ---- hooks -------------------------------------------------------------------------------------------
+    def modify_dataset(self, examples: list[Any], ctx: DefenseContext) -> list[Any]:
+        return examples
+
+    def prepare(self, model: torch.nn.Module, ctx: DefenseContext) -> None:
+        if self.needs_base_model and not ctx.base_model_path:
+            raise SafeFTError(
+                f"defense {self.name!r} needs the unaligned base model θ_b: pass --base-model PATH "
+                f"(or model.base in the config)"
+            )
+        if self.requires_lora and not ctx.use_lora:
+            raise SafeFTError(f"defense {self.name!r} works on LoRA adapters only: set training.method: lora")
+
+    def transform_batch(self, model: torch.nn.Module, inputs: dict, step: int) -> dict:
+        return inputs
+
+    def loss_terms(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> dict[str, torch.Tensor]:
+        return {}
+
+    def after_step(self, model: torch.nn.Module) -> None:
+        return None
+
+    def finalize(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Post-training changes; returns a JSON-able summary (may be empty)."""
+        return {}
+
+    # ---- resume --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        return None
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / accelerate / DeepSpeed wrappers (``.module``), keeping a peft wrapper if there is one."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+_REGISTRY: dict[str, type[Defense]] = {}
+
+
+def register_defense(cls: type[Defense]) -> type[Defense]:
+    """Class decorator: make a defense available by ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"defense name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    import safeft.defenses  # noqa: F401  (registers the built-in defenses)
+
+
+def defense_names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_defense_class(name: str) -> type[Defense]:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise SafeFTError(f"unknown defense {name!r}; choose from {', '.join(sorted(_REGISTRY))} (see `safeft list`)")
+    return _REGISTRY[name]
+
+
+def parse_defense_spec(spec: str) -> list[str]:
+    """'cwac+pact' -> ['cwac', 'pact']; each name checked, duplicates and known-incompatible pairs refused."""
+    names = [s.strip() for s in str(spec).split("+") if s.strip()]
+    if not names:
+        raise SafeFTError("defense: empty name; use e.g. 'sft', 'cwac' or 'cwac+pact'")
+    if len(set(names)) != len(names):
+        raise SafeFTError(f"defense {spec!r}: a defense is listed twice")
+    classes = [get_defense_class(n) for n in names]
+    if len(names) > 1 and "sft" in names:
+        names = [n for n in names if n != "sft"]  # the null defense adds nothing to a composition
+        classes = [get_defense_class(n) for n in names]
+    for a in classes:
+        for b in classes:
+            if b.name in a.incompatible_with:
+                raise SafeFTError(f"defenses {a.name!r} and {b.name!r} cannot be combined: {a.name} {a.incompatible_with_reason(b.name)}")
+    return names
+
+
+def build_config(cls: type[Defense], values: dict[str, Any] | None) -> DefenseConfig:
+    """Build ``cls.config_class`` from a dict, refusing unknown keys by name."""
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls.config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SafeFTError(
+            f"defense.{cls.name}: unknown key(s) {unknown}; allowed: {sorted(known) or 'none'}"
+        )
+    return cls.config_class(**values)
+
+
+def build_defenses(spec: str, configs: dict[str, dict[str, Any]] | None = None) -> list[Defense]:
+    configs = configs or {}
+    return [get_defense_class(n)(build_config(get_defense_class(n), configs.get(n))) for n in parse_defense_spec(spec)]

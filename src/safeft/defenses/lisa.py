@@ -1,0 +1,196 @@
+"""Lisa: lazy safety alignment by alternating alignment and user-data phases with a proximal term (Huang et al.,
+"Lisa: Lazy Safety Alignment for Large Language Models against Harmful Fine-tuning Attack", NeurIPS 2024,
+arXiv 2405.18641).
+
+Training alternates ``align_steps`` optimizer steps on alignment data (harmful prompt → refusal, benign
+instructions: ``ctx.alignment_examples``) with ``user_steps`` steps on the user's data, starting with alignment.
+Every step adds the proximal term
+
+    ρ/2 · Σ_trainable ‖w − w_other‖²
+
+where w_other is the snapshot of the trainable weights taken at the last phase switch (the end of the other phase;
+before the first switch, the weights at the start). Right after a switch the term is 0; its gradient ρ(w − w_other)
+pulls the weights back toward the other phase's state. ``transform_batch`` swaps in an alignment batch (cycled
+through a seeded shuffle, reshuffled every pass) during alignment phases; ``after_step`` counts steps and switches.
+The snapshot costs one copy of the trainable weights (small for LoRA, the model's size for full fine-tuning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from safeft.defenses.base import Defense, DefenseConfig, DefenseContext, register_defense, unwrap_model
+from safeft.errors import SafeFTError
+
+ALIGN, USER = "align", "user"
+
+
+@dataclass
+class LisaConfig(DefenseConfig):
+    """align_steps ≥ 1 / user_steps ≥ 1: phase lengths in optimizer steps (authors 100 / 900; scale both down for
+    short runs so that several cycles happen). rho ≥ 0: proximal weight ρ (authors 1). proximal_start_step ≥ 0:
+    optimizer steps before the proximal term switches on (authors: 10% of all steps; 0 = from the start).
+    batch_size ≥ 1: alignment batch size (None: the task micro-batch's size)."""
+
+    align_steps: int = 100
+    user_steps: int = 900
+    rho: float = 1.0
+    proximal_start_step: int = 0
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for f, lo in (("align_steps", 1), ("user_steps", 1), ("proximal_start_step", 0)):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise SafeFTError(f"defense.lisa.{f}: must be an integer ≥ {lo}, got {v!r}")
+        if self.batch_size is not None and (
+            isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1
+        ):
+            raise SafeFTError(f"defense.lisa.batch_size: must be an integer ≥ 1 or null, got {self.batch_size!r}")
+        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not (self.rho >= 0.0):
+            raise SafeFTError(f"defense.lisa.rho: must be a number ≥ 0 (authors use 1.0), got {self.rho!r}")
+        self.rho = float(self.rho)
+
+
+@register_defense
+class Lisa(Defense):
+    name = "lisa"
+    config_class = LisaConfig
+    paper = (
+        "Lisa: Lazy Safety Alignment for Large Language Models against Harmful Fine-tuning Attack "
+        "(Huang et al., NeurIPS 2024, arXiv 2405.18641)"
+    )
+    artifacts = (
+        "none cached; needs alignment examples (harmful prompt → refusal + benign) and keeps one snapshot of the "
+        "trainable weights"
+    )
+
+    def __init__(self, config: LisaConfig | None = None):
+        super().__init__(config)
+        self.phase = ALIGN
+        self.phase_step = 0  # optimizer steps done in the current phase
+        self.global_step = 0  # optimizer steps done in all
+        self.snapshot: dict[str, torch.Tensor] = {}  # w_other, by parameter name
+        self._params: dict[str, torch.nn.Parameter] = {}
+        self._examples: list[Any] = []
+        self._collate = None
+        self._seed = 0
+        self._epoch = 0  # passes over the alignment data
+        self._cursor = 0  # position in the current pass
+        self._order: list[int] | None = None
+        self._order_epoch = -1
+        self._loaded = False
+
+    # ---- setup ---------------------------------------------------------------------------------------------
+    def prepare(self, model: torch.nn.Module, ctx: DefenseContext) -> None:
+        super().prepare(model, ctx)
+        if not ctx.alignment_examples:
+            raise SafeFTError(
+                "defense lisa needs alignment data (harmful prompt → refusal + benign pairs): give data.alignment "
+                "or a refusal source in the run config"
+            )
+        if ctx.collate is None:
+            raise SafeFTError("defense lisa: the run gives no collate function for alignment examples")
+        self._examples = list(ctx.alignment_examples)
+        self._collate = ctx.collate
+        self._seed = int(ctx.seed)
+        self._params = {n: p for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
+        if not self._params:
+            raise SafeFTError("defense lisa: the model has no trainable parameters")
+        if not self._loaded:
+            self.snapshot = {n: p.detach().clone() for n, p in self._params.items()}
+        else:
+            missing = sorted(set(self._params) - set(self.snapshot))
+            if missing:
+                raise SafeFTError(f"defense lisa: resumed state lacks a snapshot of {missing[:3]}; start afresh")
+            self.snapshot = {n: self.snapshot[n].to(p.device, p.dtype) for n, p in self._params.items()}
+
+    # ---- alignment data --------------------------------------------------------------------------------------
+    def _perm(self, epoch: int) -> list[int]:
+        """Order of the alignment examples in pass ``epoch`` (seeded by the run's seed; cached per pass)."""
+        if self._order is None or self._order_epoch != epoch:
+            g = torch.Generator().manual_seed(self._seed * 1_000_003 + epoch)
+            self._order = torch.randperm(len(self._examples), generator=g).tolist()
+            self._order_epoch = epoch
+        return self._order
+
+    def _next_examples(self, k: int) -> list[Any]:
+        out = []
+        for _ in range(k):
+            if self._cursor >= len(self._examples):
+                self._epoch += 1
+                self._cursor = 0
+            out.append(self._examples[self._perm(self._epoch)[self._cursor]])
+            self._cursor += 1
+        return out
+
+    def transform_batch(self, model: torch.nn.Module, inputs: dict, step: int) -> dict:
+        """Alignment phase: a fresh alignment batch (same size as ``inputs`` unless ``batch_size`` is set) on the
+        device of ``inputs["input_ids"]``; user phase: ``inputs`` unchanged."""
+        if self.phase == USER:
+            return inputs
+        k = self.config.batch_size or int(inputs["input_ids"].shape[0])
+        batch = self._collate(self._next_examples(k))
+        device = inputs["input_ids"].device
+        return {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in batch.items()}
+
+    # ---- loss and schedule -------------------------------------------------------------------------------------
+    def proximal(self) -> torch.Tensor:
+        """Σ_trainable ‖w − w_other‖² (float32 scalar, differentiable in w)."""
+        total: torch.Tensor | None = None
+        for n, p in self._params.items():
+            d = (p.float() - self.snapshot[n].float()).pow(2).sum()
+            total = d if total is None else total + d.to(total.device)
+        assert total is not None
+        return total
+
+    def loss_terms(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> dict[str, torch.Tensor]:
+        if not self._params:
+            raise SafeFTError("defense lisa: prepare() was not called before training")
+        if self.config.rho == 0.0 or self.global_step < self.config.proximal_start_step:
+            device = next(iter(self._params.values())).device
+            return {"lisa/proximal": torch.zeros((), device=device)}
+        return {"lisa/proximal": 0.5 * self.config.rho * self.proximal()}
+
+    @torch.no_grad()
+    def after_step(self, model: torch.nn.Module) -> None:
+        self.phase_step += 1
+        self.global_step += 1
+        length = self.config.align_steps if self.phase == ALIGN else self.config.user_steps
+        if self.phase_step >= length:
+            self.phase = USER if self.phase == ALIGN else ALIGN
+            self.phase_step = 0
+            for n, p in self._params.items():  # w_other for the new phase = where the old phase ended
+                self.snapshot[n].copy_(p.detach())
+
+    # ---- resume ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {
+            "phase": torch.tensor(0 if self.phase == ALIGN else 1),
+            "phase_step": torch.tensor(self.phase_step),
+            "global_step": torch.tensor(self.global_step),
+            "data_epoch": torch.tensor(self._epoch),
+            "data_cursor": torch.tensor(self._cursor),
+        }
+        state.update({f"snapshot.{n}": t.detach().cpu().clone() for n, t in self.snapshot.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.phase = ALIGN if int(state["phase"]) == 0 else USER
+        self.phase_step = int(state["phase_step"])
+        self.global_step = int(state["global_step"])
+        self._epoch = int(state["data_epoch"])
+        self._cursor = int(state["data_cursor"])
+        self._order = None  # rebuilt from (seed, epoch) on the next draw
+        snap = {k[len("snapshot.") :]: v for k, v in state.items() if k.startswith("snapshot.")}
+        if self._params:
+            for n, p in self._params.items():
+                if n not in snap:
+                    raise SafeFTError(f"defense lisa: resumed state lacks a snapshot of {n!r}; start afresh")
+                self.snapshot[n] = snap[n].to(p.device, p.dtype)
+        else:
+            self.snapshot = snap
+        self._loaded = True

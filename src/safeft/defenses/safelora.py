@@ -1,0 +1,134 @@
+"""SafeLoRA: post-hoc projection of the LoRA layers that drift from the alignment direction (Hsu et al.,
+"Safe LoRA: the Silver Lining of Reducing Safety Risks when Finetuning Large Language Models", NeurIPS 2024,
+arXiv 2405.16833).
+
+After training, per LoRA module: V = W(θ₀) − W(θ_b), Ĉ = V Vᵀ / ‖V‖_F (the paper's fast approximation of the
+projection onto the alignment matrix; not an exact projector), ΔW = (α/r)·B A, and the similarity
+cos(ĈΔW, ΔW) = ⟨ĈΔW, ΔW⟩_F / (‖ĈΔW‖_F ‖ΔW‖_F). The layers selected by the rule (cos < ``threshold``, or the
+``top_k`` least similar) get ΔW ← ĈΔW, done by B ← Ĉ B (then (α/r)·(ĈB)A = ĈΔW exactly); the others are untouched.
+
+No d_out × d_out or d_out × d_in matrix is built: with P = Ĉ B = V (Vᵀ B)/‖V‖_F (``[d_out, r]``) and G = A Aᵀ
+(``[r, r]``), ⟨P A, B A⟩ = Σ (PᵀB ⊙ G), ‖P A‖² = Σ (PᵀP ⊙ G), ‖B A‖² = Σ (BᵀB ⊙ G); the α/r factor cancels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from safeft.defenses._alignment_matrix import (
+    AlignmentMatrix,
+    compute_alignment_matrices,
+    lora_factors,
+    lora_modules,
+)
+from safeft.defenses.base import Defense, DefenseConfig, DefenseContext, register_defense
+from safeft.errors import SafeFTError
+
+DEFAULT_THRESHOLD = 0.5
+
+
+def projected_b_and_cosine(
+    b: torch.Tensor, a: torch.Tensor, mat: AlignmentMatrix
+) -> tuple[torch.Tensor, float | None]:
+    """(Ĉ B ``[d_out, r]`` float32, cos(Ĉ B A, B A)) for LoRA factors b ``[d_out, r]``, a ``[r, d_in]``.
+
+    The cosine is None when B A = 0 (nothing was learned: the similarity is undefined and projecting changes
+    nothing), 0.0 when Ĉ B A = 0. Gram products in float64 so the rule's decision is stable near the threshold."""
+    b32 = b.detach().float()
+    a64 = a.detach().double()
+    p = mat.c_hat_times(b32)
+    g = a64 @ a64.T
+    bb = (b32.double().T @ b32.double() * g).sum().item()
+    if bb <= 0.0:
+        return p, None
+    pp = (p.double().T @ p.double() * g).sum().item()
+    if pp <= 0.0:
+        return p, 0.0
+    pb = (p.double().T @ b32.double() * g).sum().item()
+    return p, float(pb / math.sqrt(pp * bb))
+
+
+def select_layers(cosines: dict[str, float | None], threshold: float | None, top_k: int | None) -> list[str]:
+    """Names to project: cos < threshold, or the top_k smallest cosines (ties broken by name). Layers whose cosine
+    is None (B A = 0) are never selected. Returned sorted by name."""
+    known = {n: c for n, c in cosines.items() if c is not None}
+    if top_k is not None:
+        ranked = sorted(known, key=lambda n: (known[n], n))
+        return sorted(ranked[:top_k])
+    assert threshold is not None
+    return sorted(n for n, c in known.items() if c < threshold)
+
+
+@dataclass
+class SafeLoRAConfig(DefenseConfig):
+    """Exactly one rule: ``threshold`` τ ∈ [-1, 1] (project layers with cos < τ) or ``top_k`` ≥ 1 (project the k
+    least similar layers). Neither given: threshold 0.5."""
+
+    threshold: float | None = None
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and self.top_k is not None:
+            raise SafeFTError(
+                "defense.safelora: set exactly one of threshold (cos < τ, τ in [-1, 1]) or top_k (k ≥ 1), not both"
+            )
+        if self.top_k is not None:
+            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+                raise SafeFTError(f"defense.safelora.top_k: must be an integer ≥ 1, got {self.top_k!r}")
+        else:
+            if self.threshold is None:
+                self.threshold = DEFAULT_THRESHOLD
+            t = self.threshold
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not (-1.0 <= t <= 1.0):
+                raise SafeFTError(f"defense.safelora.threshold: must be a number in [-1, 1], got {t!r}")
+            self.threshold = float(t)
+
+
+@register_defense
+class SafeLoRA(Defense):
+    name = "safelora"
+    config_class = SafeLoRAConfig
+    paper = (
+        "Safe LoRA: the Silver Lining of Reducing Safety Risks when Finetuning Large Language Models "
+        "(Hsu et al., NeurIPS 2024, arXiv 2405.16833)"
+    )
+    artifacts = (
+        "V = W(θ₀) − W(θ_b) per LoRA-targeted module (float32, d_out × d_in, read from θ_b at prepare, kept on CPU "
+        "until finalize); needs θ_b and LoRA; changes the adapters only after training"
+    )
+    needs_base_model = True
+    requires_lora = True
+
+    def __init__(self, config: SafeLoRAConfig | None = None):
+        super().__init__(config)
+        self.matrices: dict[str, AlignmentMatrix] = {}
+
+    def prepare(self, model: torch.nn.Module, ctx: DefenseContext) -> None:
+        super().prepare(model, ctx)
+        # CPU: V is needed only once, after training; it must not take accelerator memory meanwhile.
+        self.matrices = compute_alignment_matrices(model, ctx, device="cpu")
+
+    @torch.no_grad()
+    def finalize(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Project the selected layers in place; returns {"projected": [names], "cosines": {name: cos or None}}."""
+        if not self.matrices:
+            raise SafeFTError("defense safelora: prepare() was not called before finalize()")
+        mods = lora_modules(model)
+        missing = sorted(set(self.matrices) - set(mods))
+        if missing:
+            raise SafeFTError(f"defense safelora: LoRA modules {missing[:3]} disappeared after prepare()")
+        cosines: dict[str, float | None] = {}
+        projected_b: dict[str, torch.Tensor] = {}
+        for name, mat in self.matrices.items():
+            b, a, _ = lora_factors(mods[name])
+            projected_b[name], cosines[name] = projected_b_and_cosine(b, a, mat)
+        chosen = select_layers(cosines, self.config.threshold, self.config.top_k)
+        for name in chosen:
+            b, _, _ = lora_factors(mods[name])
+            b.copy_(projected_b[name].to(dtype=b.dtype, device=b.device))
+        self.matrices = {}  # free V
+        return {"projected": chosen, "cosines": cosines}

@@ -1,0 +1,609 @@
+"""Orchestration: config → data + model → defense.prepare → SafeTrainer → model → eval → report.
+
+The CLI, the demo and the benchmark all go through these functions, so every entry point builds data splits,
+contexts and outputs the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safeft.config import RunConfig
+from safeft.errors import SafeFTError
+from safeft.io import atomic_write_json
+
+# ---- harmful / benign prompt splits ----------------------------------------------------------------------------
+
+
+def _bucket(text: str) -> int:
+    """Stable bucket in [0, 100) of a prompt's normalised text: the same prompt lands in the same split always."""
+    from safeft.data import normalize_text
+
+    return int(hashlib.sha256(normalize_text(text).encode("utf-8")).hexdigest()[:8], 16) % 100
+
+
+@dataclass
+class Splits:
+    """Disjoint prompt sets of one run (checked on normalised text).
+
+    poison: harmful prompt → compliant answer pairs mixed into the user data.
+    eval_harmful: held-out harmful prompts for the harmful score.
+    anchor_pool: harmful prompts defenses may use as anchors (CWAC), never evaluated on.
+    refusal_pairs: harmful prompt → refusal pairs (PACT's responses, SafeInstr, Lisa's alignment data).
+    align_refusals / benign: the alignment stage's training data.
+    harmless_pool: harmless prompts (SAE training mix, feature ranking).
+    """
+
+    poison: list = field(default_factory=list)
+    eval_harmful: list[str] = field(default_factory=list)
+    anchor_pool: list[str] = field(default_factory=list)
+    refusal_pairs: list = field(default_factory=list)
+    align_refusals: list = field(default_factory=list)
+    benign: list = field(default_factory=list)
+    harmless_pool: list[str] = field(default_factory=list)
+    xstest_safe: list[str] = field(default_factory=list)
+
+
+def build_splits(cfg: RunConfig, need_poison: bool = True) -> Splits:
+    """Build every prompt set for a run. Refusal data is split by a stable hash: buckets [0, 50) train the
+    alignment stage, [50, 100) serve the defenses (anchors, PACT, SafeInstr, Lisa). Harmful prompts overlapping the
+    evaluation set are dropped from every training-side set; the result is checked disjoint."""
+    from safeft.data import (
+        Example,
+        check_disjoint,
+        load_benign_pairs,
+        load_demo,
+        load_harmful_pairs,
+        load_harmful_prompts,
+        load_refusal_pairs,
+        normalize_text,
+        shared_data_dir,
+    )
+
+    s = Splits()
+    demo_mode = cfg.data.task == "demo" or cfg.data.harmful_source == "demo" or cfg.eval.harmful_source == "demo"
+    demo = load_demo() if demo_mode else None
+
+    # evaluation prompts first: everything else is made disjoint from them
+    if cfg.eval.harmful_source == "demo":
+        s.eval_harmful = [h["prompt"] for h in demo.harmful if _bucket(h["prompt"]) >= 70]
+    elif cfg.eval.harmful_source == cfg.data.harmful_source:
+        s.eval_harmful = [p for p in load_harmful_prompts(cfg.eval.harmful_source, cfg.eval.harmful_path) if _bucket(p) >= 50]
+    else:
+        s.eval_harmful = load_harmful_prompts(cfg.eval.harmful_source, cfg.eval.harmful_path)
+    held = {normalize_text(p) for p in s.eval_harmful}
+
+    def keep(prompt: str) -> bool:
+        return normalize_text(prompt) not in held
+
+    if need_poison:
+        if cfg.data.harmful_source == "demo":
+            pairs = [Example(h["prompt"], h["compliant"], "harmful", None, {"category": h.get("category")}) for h in demo.harmful
+                     if 50 <= _bucket(h["prompt"]) < 70]
+        elif cfg.data.harmful_source == cfg.eval.harmful_source:
+            pairs = [e for e in load_harmful_pairs(cfg.data.harmful_source, cfg.data.harmful_path) if _bucket(e.prompt) < 50]
+        else:
+            pairs = load_harmful_pairs(cfg.data.harmful_source, cfg.data.harmful_path)
+        s.poison = [e for e in pairs if keep(e.prompt)]
+
+    if demo_mode:
+        refusals = [Example(h["prompt"], h["refusal"], "refusal", None, {"category": h.get("category")}) for h in demo.harmful
+                    if _bucket(h["prompt"]) < 50]
+        benign = load_benign_pairs("demo")
+    else:
+        refusals = load_refusal_pairs("safety_tuned_llamas")
+        benign = load_benign_pairs("demo")
+        if shared_data_dir() is not None:
+            try:
+                from safeft.eval.xstest import load_xstest_safe  # optional helper
+
+                s.xstest_safe = load_xstest_safe()
+            except ImportError:
+                pass
+    poison_prompts = {normalize_text(e.prompt) for e in s.poison}
+    refusals = [e for e in refusals if keep(e.prompt) and normalize_text(e.prompt) not in poison_prompts]
+    if demo_mode:
+        # the demo is small: the alignment stage and the defenses share the refusal set (never the eval set)
+        s.align_refusals = refusals
+        s.refusal_pairs = refusals
+    else:
+        s.align_refusals = [e for e in refusals if _bucket(e.prompt) < 50]
+        s.refusal_pairs = [e for e in refusals if _bucket(e.prompt) >= 50]
+    s.anchor_pool = [e.prompt for e in s.refusal_pairs]
+    s.benign = benign
+    s.harmless_pool = [e.prompt for e in benign if not e.meta.get("contrast")]
+    if not s.xstest_safe and demo is not None:
+        s.xstest_safe = [p for p in demo.contrast_prompts if _bucket(p) >= 70]
+        # contrast prompts used for over-refusal are not trained on
+        held_c = {normalize_text(p) for p in s.xstest_safe}
+        s.benign = [e for e in s.benign if normalize_text(e.prompt) not in held_c]
+    sets = {"eval_harmful": s.eval_harmful, "anchor_pool": s.anchor_pool}
+    if s.poison:
+        sets["poison"] = [e.prompt for e in s.poison]
+    check_disjoint(sets)
+    return s
+
+
+# ---- models ------------------------------------------------------------------------------------------------------
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+ALIGNED_PREFIX = "aligned:"
+
+
+def resolve(cfg: RunConfig, spec: str, log: Any = print) -> Path:
+    """A model spec -> local safetensors dir. ``aligned:<spec>`` is the alignment stage's output for ``<spec>``
+    (computed once with ``cfg.align`` and cached)."""
+    from safeft.models import resolve_model
+
+    if spec.startswith(ALIGNED_PREFIX):
+        return run_align(cfg, spec[len(ALIGNED_PREFIX) :], log=log)["aligned_dir"]
+    return resolve_model(spec, cache_dir=cfg.model.cache_dir, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def load_frozen(cfg: RunConfig, path: str | Path) -> torch.nn.Module:
+    from safeft.models import load_model
+
+    model, _, _ = load_model(str(path), dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir,
+                             trust_remote_code=cfg.model.trust_remote_code)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def artifacts_root(cfg: RunConfig) -> Path:
+    from safeft.models import cache_root
+
+    if cfg.artifacts_dir:
+        return Path(cfg.artifacts_dir)
+    return (Path(cfg.model.cache_dir) if cfg.model.cache_dir else cache_root()) / "artifacts"
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+
+
+class _ExampleDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def tokenize_all(tokenizer, examples, template: str, max_length: int, source: str = "train data") -> list[dict]:
+    from safeft.data import tokenize_example
+
+    out = []
+    for i, ex in enumerate(examples):
+        try:
+            out.append(tokenize_example(tokenizer, ex, template=template, max_length=max_length))
+        except SafeFTError as e:
+            raise SafeFTError(f"{source}, example {i + 1}: {e}") from None
+    return out
+
+
+def build_task_data(cfg: RunConfig, splits: Splits) -> list:
+    """The user's data: n task samples with round(p·n) harmful ones (deterministic per data.seed)."""
+    from safeft.data import load_demo, load_task, mix_poison
+
+    if cfg.data.task == "demo":
+        task = load_demo().sentiment_train
+    else:
+        task = load_task(cfg.data.task, "train", path=cfg.data.task_path, seed=cfg.data.seed)
+    if cfg.data.p > 0 and not splits.poison:
+        raise SafeFTError(f"data.p={cfg.data.p} but no harmful pairs are available from {cfg.data.harmful_source}")
+    return mix_poison(task, splits.poison, cfg.data.n, cfg.data.p, cfg.data.seed)
+
+
+class _StepTimer:
+    """Wall time of each optimizer step (the first is warm-up and reported apart)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                timer._t = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                timer.times.append(time.perf_counter() - timer._t)
+
+        return _CB()
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _last_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not output_dir.is_dir():
+        return None
+    return get_last_checkpoint(str(output_dir))
+
+
+def build_context(cfg: RunConfig, model, tokenizer, splits: Splits, aligned_dir: Path, base_dir: Path | None,
+                  fp: str):
+    """The DefenseContext of a run: tokenizer, θ₀/θ_b paths, artifact folder keyed by θ₀'s fingerprint, prompt
+    pools (never the evaluation prompts), and helpers to load frozen models and collate examples."""
+    from safeft.data import CompletionCollator
+    from safeft.defenses import DefenseContext
+
+    collator = CompletionCollator(tokenizer)
+
+    def collate_examples(exs: list) -> dict:
+        return collator(tokenize_all(tokenizer, exs, cfg.data.template, cfg.data.max_length, "alignment data"))
+
+    return DefenseContext(
+        tokenizer=tokenizer,
+        template=cfg.data.template,
+        aligned_model_path=str(aligned_dir),
+        base_model_path=str(base_dir) if base_dir else None,
+        fingerprint=fp,
+        artifacts_dir=artifacts_root(cfg) / fp[:16],
+        load_model=lambda path: load_frozen(cfg, path),
+        anchor_pool=list(splits.anchor_pool),
+        harmless_pool=list(splits.harmless_pool),
+        refusal_pairs=[(e.prompt, e.response) for e in splits.refusal_pairs],
+        alignment_examples=list(splits.refusal_pairs) + list(splits.benign),
+        eval_prompts=list(splits.eval_harmful) + list(splits.xstest_safe),
+        use_lora=cfg.training.method == "lora",
+        max_length=cfg.data.max_length,
+        seed=cfg.training.seed,
+        dtype=_dtype(cfg.model.dtype),
+        device=next(model.parameters()).device,
+        output_dir=Path(cfg.training.output_dir),
+        collate=collate_examples,
+    )
+
+
+def _check_defense_needs(cfg: RunConfig, defenses: list) -> None:
+    from safeft.defenses import get_defense_class
+
+    needs_base = [d.name for d in defenses if get_defense_class(d.name).needs_base_model]
+    if needs_base and not cfg.model.base:
+        raise SafeFTError(f"defense(s) {', '.join(needs_base)} need the unaligned base model θ_b: pass --base-model PATH (model.base)")
+    if cfg.training.method == "full":
+        lora_only = [d.name for d in defenses if get_defense_class(d.name).requires_lora]
+        if lora_only:
+            raise SafeFTError(f"defense(s) {', '.join(lora_only)} work on LoRA adapters only: use --method lora")
+
+
+def run_prepare(cfg: RunConfig, log: Any = print) -> dict[str, Any]:
+    """Compute (or load from cache) the artifacts of ``cfg.defense`` for θ₀, without training."""
+    from safeft.defenses import build_defenses
+    from safeft.models import fingerprint, load_model, setup_trainable
+
+    defenses = build_defenses(cfg.defense.name, cfg.defense.options)
+    _check_defense_needs(cfg, defenses)
+    aligned_dir = resolve(cfg, cfg.model.aligned, log=log)
+    base_dir = resolve(cfg, cfg.model.base, log=log) if cfg.model.base else None
+    splits = build_splits(cfg, need_poison=False)
+    model, tokenizer, _ = load_model(str(aligned_dir), dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir,
+                                     trust_remote_code=cfg.model.trust_remote_code)
+    fp = fingerprint(aligned_dir)
+    model = setup_trainable(model, method=cfg.training.method, lora_r=cfg.training.lora_r,
+                            lora_alpha=cfg.training.lora_alpha, target_modules=cfg.training.lora_targets)
+    ctx = build_context(cfg, model, tokenizer, splits, aligned_dir, base_dir, fp)
+    out: dict[str, Any] = {"fingerprint": fp, "artifacts_dir": str(ctx.artifacts_dir)}
+    for d in defenses:
+        t0 = time.perf_counter()
+        fn = getattr(d, "prepare_artifacts", None)
+        summary = fn(model, ctx) if fn else (d.prepare(model, ctx) or {})
+        out[d.name] = {"prepare_seconds": time.perf_counter() - t0, **(summary if isinstance(summary, dict) else {})}
+    return out
+
+
+def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> dict[str, Any]:
+    """Fine-tune θ₀ on the (poisoned) user data under ``cfg.defense``. Writes ``<output_dir>/final`` (adapter or
+    full model, safetensors) and ``<output_dir>/run.json``. Returns the run record (plus ``model``/``tokenizer``
+    when ``keep_model``)."""
+    from safeft.data import CompletionCollator
+    from safeft.defenses import build_defenses
+    from safeft.models import fingerprint, load_model, setup_trainable
+    from safeft.trainer import SafeTrainer
+
+    t_start = time.perf_counter()
+    out_dir = Path(cfg.training.output_dir)
+    defenses = build_defenses(cfg.defense.name, cfg.defense.options)
+    _check_defense_needs(cfg, defenses)
+    aligned_dir = resolve(cfg, cfg.model.aligned, log=log)
+    base_dir = resolve(cfg, cfg.model.base, log=log) if cfg.model.base else None
+    splits = build_splits(cfg)
+    examples = build_task_data(cfg, splits)
+
+    torch.manual_seed(cfg.training.seed)
+    model, tokenizer, _ = load_model(str(aligned_dir), dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir,
+                                     trust_remote_code=cfg.model.trust_remote_code)
+    fp = fingerprint(aligned_dir)
+    model = setup_trainable(model, method=cfg.training.method, lora_r=cfg.training.lora_r,
+                            lora_alpha=cfg.training.lora_alpha, lora_dropout=cfg.training.lora_dropout,
+                            target_modules=cfg.training.lora_targets)
+    collator = CompletionCollator(tokenizer)
+    ctx = build_context(cfg, model, tokenizer, splits, aligned_dir, base_dir, fp)
+    for d in defenses:
+        examples = d.modify_dataset(examples, ctx)
+    train_rows = tokenize_all(tokenizer, examples, cfg.data.template, cfg.data.max_length)
+    t_prep = time.perf_counter()
+    for d in defenses:
+        d.prepare(model, ctx)
+    prepare_seconds = time.perf_counter() - t_prep
+
+    args = _training_args(cfg, out_dir)
+    timer = _StepTimer()
+    trainer = SafeTrainer(model=model, args=args, train_dataset=_ExampleDataset(train_rows), data_collator=collator,
+                          processing_class=tokenizer, defenses=defenses, callbacks=[timer.callback()])
+    resume = _last_checkpoint(out_dir) if cfg.training.resume else None
+    if cfg.training.resume and resume:
+        log(f"resuming from {resume}")
+    t_train = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.perf_counter() - t_train
+    finalize = {}
+    for d in defenses:
+        summary = d.finalize(trainer.model)
+        if summary:
+            finalize[d.name] = summary
+    final_dir = out_dir / "final"
+    tmp_dir = out_dir / ".final.tmp"
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    trainer.model.save_pretrained(str(tmp_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp_dir))
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    tmp_dir.rename(final_dir)
+    steps = timer.times[1:] if len(timer.times) > 1 else timer.times
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    record = {
+        "config": cfg.to_dict(),
+        "aligned_model": str(aligned_dir),
+        "base_model": str(base_dir) if base_dir else None,
+        "fingerprint": fp,
+        "n_train": len(examples),
+        "n_harmful_train": sum(1 for e in examples if e.kind == "harmful"),
+        "global_steps": result.global_step,
+        "train_loss": result.training_loss,
+        "losses": losses,
+        "log_history": trainer.state.log_history,
+        "prepare_seconds": prepare_seconds,
+        "train_seconds": train_seconds,
+        "step_seconds_mean": sum(steps) / len(steps) if steps else math.nan,
+        "step_seconds": timer.times,
+        "peak_memory_mb": _peak_memory_mb(),
+        "total_seconds": time.perf_counter() - t_start,
+        "finalize": finalize,
+        "final_dir": str(final_dir),
+        "resumed_from": resume,
+    }
+    atomic_write_json(out_dir / "run.json", _jsonable(record))
+    if keep_model:
+        record["model"] = trainer.model
+        record["tokenizer"] = tokenizer
+        record["splits"] = splits
+    return record
+
+
+def _training_args(cfg: RunConfig, out_dir: Path):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=cfg.training.batch_size,
+        gradient_accumulation_steps=cfg.training.grad_accum,
+        learning_rate=cfg.training.lr,
+        num_train_epochs=cfg.training.epochs,
+        max_steps=cfg.training.max_steps,
+        weight_decay=cfg.training.weight_decay,
+        warmup_ratio=cfg.training.warmup_ratio,
+        lr_scheduler_type=cfg.training.lr_scheduler,
+        max_grad_norm=cfg.training.max_grad_norm,
+        logging_steps=cfg.training.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.training.save_steps,
+        save_total_limit=cfg.training.save_total_limit,
+        seed=cfg.training.seed,
+        data_seed=cfg.data.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        disable_tqdm=not cfg.training.progress,
+        bf16=cfg.model.dtype == "bfloat16" and torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    return str(obj)
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------------
+
+
+def load_trained(cfg: RunConfig, run_dir: str | Path):
+    """θ₀ + the adapter in ``<run_dir>/final`` (LoRA), or the full model saved there."""
+    from safeft.models import load_model
+
+    final = Path(run_dir) / "final"
+    if not final.is_dir():
+        final = Path(run_dir)
+    if (final / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model, tok, _ = load_model(str(resolve(cfg, cfg.model.aligned)), dtype=cfg.model.dtype,
+                                   cache_dir=cfg.model.cache_dir, trust_remote_code=cfg.model.trust_remote_code)
+        model = PeftModel.from_pretrained(model, str(final))
+        return model, tok
+    if (final / "config.json").is_file():
+        model, tok, _ = load_model(str(final), dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
+        return model, tok
+    raise SafeFTError(f"{run_dir}: no trained model found (expected final/adapter_config.json or final/config.json)")
+
+
+def run_eval(cfg: RunConfig, model=None, tokenizer=None, splits: Splits | None = None,
+             out_path: str | Path | None = None) -> dict[str, Any]:
+    """Harmful score on held-out harmful prompts, fine-tune accuracy on the task's held-out split, over-refusal."""
+    from safeft.data import load_demo, load_task
+    from safeft.eval import evaluate_model, get_judge
+    from safeft.models import load_model
+
+    if model is None:
+        model, tokenizer, _ = load_model(str(resolve(cfg, cfg.model.aligned)), dtype=cfg.model.dtype,
+                                         cache_dir=cfg.model.cache_dir, trust_remote_code=cfg.model.trust_remote_code)
+    splits = splits or build_splits(cfg, need_poison=False)
+    harmful = _subsample(splits.eval_harmful, cfg.eval.n_harmful, cfg.eval.seed)
+    if cfg.data.task == "demo":
+        task_examples = load_demo().sentiment_test
+        task_name = "sst2"
+    else:
+        split = "validation" if cfg.data.task == "sst2" else "test"
+        task_examples = load_task(cfg.data.task, split, path=None, seed=cfg.eval.seed)
+        task_name = cfg.data.task
+    task_examples = _subsample(task_examples, cfg.eval.n_task, cfg.eval.seed)
+    xs = _subsample(splits.xstest_safe, cfg.eval.n_xstest, cfg.eval.seed) if cfg.eval.n_xstest else None
+    report = evaluate_model(
+        model, tokenizer, harmful_prompts=harmful, judge=get_judge(cfg.eval.judge), task=task_name,
+        task_examples=task_examples or None, xstest_prompts=xs, template=cfg.data.template,
+        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+    )
+    report["model"] = cfg.model.aligned
+    report["eval_config"] = _jsonable(cfg.to_dict()["eval"])
+    if out_path:
+        atomic_write_json(out_path, _jsonable(report))
+    return report
+
+
+def _subsample(items: list, n: int, seed: int) -> list:
+    if n <= 0 or n >= len(items):
+        return list(items)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(items), generator=g)[:n].tolist()
+    return [items[i] for i in sorted(idx)]
+
+
+# ---- alignment stage ---------------------------------------------------------------------------------------------
+
+
+def _align_key(cfg: RunConfig, base_fp: str, n_ref: int, n_ben: int) -> str:
+    payload = {"base": base_fp, "align": cfg.to_dict()["align"], "template": cfg.data.template,
+               "demo": cfg.data.task == "demo" or cfg.data.harmful_source == "demo", "n": [n_ref, n_ben], "v": 1}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_align(cfg: RunConfig, base_spec: str, *, evaluate: bool = True, log: Any = print) -> dict[str, Any]:
+    """Safety SFT of ``base_spec`` (θ_b) on harmful-prompt → refusal pairs plus benign instructions (safe-but-
+    scary contrast prompts included, so it learns to discriminate), LoRA merged into the weights. The result is θ₀,
+    cached under ``<cache>/aligned/`` keyed by θ_b's fingerprint and ``cfg.align``; a second call loads it."""
+    from safeft.data import CompletionCollator
+    from safeft.models import cache_root, fingerprint, load_model, resolve_model, setup_trainable
+    from safeft.trainer import SafeTrainer
+
+    base_dir = resolve_model(base_spec, cache_dir=cfg.model.cache_dir, trust_remote_code=cfg.model.trust_remote_code)
+    base_fp = fingerprint(base_dir)
+    splits = build_splits(cfg, need_poison=False)
+    a = cfg.align
+    g = torch.Generator().manual_seed(a.seed)
+    refusals = [splits.align_refusals[i] for i in torch.randperm(len(splits.align_refusals), generator=g)[: a.n_refusal]]
+    benign = [splits.benign[i] for i in torch.randperm(len(splits.benign), generator=g)[: a.n_benign]]
+    if not refusals:
+        raise SafeFTError("alignment stage: no refusal pairs available; check the data sources")
+    key = _align_key(cfg, base_fp, len(refusals), len(benign))
+    root = (Path(cfg.model.cache_dir) if cfg.model.cache_dir else cache_root()) / "aligned"
+    out = root / f"{Path(str(base_dir)).name}-{key}"
+    info_path = out / "align.json"
+    if info_path.is_file() and (out / "config.json").is_file():
+        info = json.loads(info_path.read_text())
+        info["aligned_dir"] = out
+        info["cached"] = True
+        return info
+    log(f"alignment stage: {len(refusals)} refusal + {len(benign)} benign pairs, {a.steps} steps (cached afterwards)")
+    t0 = time.perf_counter()
+    torch.manual_seed(a.seed)
+    model, tok, _ = load_model(str(base_dir), dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
+    model = setup_trainable(model, method="lora", lora_r=a.lora_r, lora_alpha=a.lora_alpha,
+                            target_modules=cfg.training.lora_targets)
+    examples = refusals + benign
+    rows = tokenize_all(tok, examples, cfg.data.template, a.max_length, "alignment data")
+    from transformers import TrainingArguments
+
+    tmp_out = root / f".{out.name}.run"
+    args = TrainingArguments(
+        output_dir=str(tmp_out), per_device_train_batch_size=a.batch_size, learning_rate=a.lr, max_steps=a.steps,
+        lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=max(1, a.steps // 10), save_strategy="no",
+        seed=a.seed, report_to=[], remove_unused_columns=False, disable_tqdm=not cfg.training.progress,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+    )
+    trainer = SafeTrainer(model=model, args=args, train_dataset=_ExampleDataset(rows),
+                          data_collator=CompletionCollator(tok), processing_class=tok)
+    trainer.train()
+    merged = trainer.model.merge_and_unload()
+    stage = root / f".{out.name}.tmp"
+    if stage.exists():
+        shutil.rmtree(stage)
+    merged.save_pretrained(str(stage), safe_serialization=True)
+    tok.save_pretrained(str(stage))
+    info: dict[str, Any] = {
+        "base_model": str(base_dir), "base_fingerprint": base_fp, "align_config": cfg.to_dict()["align"],
+        "n_refusal": len(refusals), "n_benign": len(benign), "train_seconds": time.perf_counter() - t0,
+        "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+    }
+    if evaluate:
+        from safeft.eval import KeywordJudge, generate
+
+        judge = KeywordJudge()
+        harm = _subsample(splits.eval_harmful, 40, a.seed)
+        safe = _subsample(splits.xstest_safe, 40, a.seed)
+        merged.eval()
+        ans_h = generate(merged, tok, harm, template=cfg.data.template, max_new_tokens=48, batch_size=16,
+                         desc="align check: harmful")
+        ans_s = generate(merged, tok, safe, template=cfg.data.template, max_new_tokens=48, batch_size=16,
+                         desc="align check: safe") if safe else []
+        info["refusal_rate_harmful"] = sum(judge.is_refusal(x) for x in ans_h) / max(1, len(ans_h))
+        info["refusal_rate_safe"] = sum(judge.is_refusal(x) for x in ans_s) / max(1, len(ans_s)) if ans_s else None
+        info["check_sizes"] = [len(ans_h), len(ans_s)]
+        log(f"aligned model: refuses {info['refusal_rate_harmful']:.0%} of {len(ans_h)} held-out harmful prompts, "
+            f"{(info['refusal_rate_safe'] or 0):.0%} of {len(ans_s)} safe contrast prompts")
+    atomic_write_json(stage / "align.json", _jsonable(info))
+    if out.exists():
+        shutil.rmtree(out)
+    stage.rename(out)
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    info["aligned_dir"] = out
+    info["cached"] = False
+    return info

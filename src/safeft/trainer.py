@@ -1,0 +1,120 @@
+"""SafeTrainer: one ``transformers.Trainer`` for every defense.
+
+Every defense is SFT plus terms, so the trainer is the plain Trainer with three additions:
+
+* ``compute_loss`` adds each defense's named loss terms to the task loss and logs each one;
+* a callback runs each defense's ``after_step`` right after every optimizer step (on every rank under DDP, where
+  parameters are identical, so projections keep them identical);
+* checkpoints also hold each defense's state (``defense_state.safetensors``), restored on resume.
+
+With no terms (plain SFT) ``compute_loss`` *is* ``Trainer.compute_loss``: the null defense's loss equals the plain
+Trainer's loss exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+
+from safeft.defenses.base import Defense
+
+DEFENSE_STATE = "defense_state.safetensors"
+
+
+class _DefenseCallback(TrainerCallback):
+    def __init__(self, trainer: SafeTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # Called right after optimizer.step(), before zero_grad and the scheduler, on every process.
+        m = self.trainer.model
+        with torch.no_grad():
+            for d in self.trainer.defenses:
+                d.after_step(m)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.trainer.defenses:
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir() and self.trainer.is_world_process_zero():
+            tensors = self.trainer.defense_state()
+            if tensors:
+                save_file(tensors, str(ckpt / DEFENSE_STATE))
+
+
+class SafeTrainer(Trainer):
+    """A ``transformers.Trainer`` that holds a list of :class:`~safeft.defenses.base.Defense` objects."""
+
+    def __init__(self, *args: Any, defenses: list[Defense] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.defenses: list[Defense] = list(defenses or [])
+        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_counts: dict[str, int] = defaultdict(int)
+        self.add_callback(_DefenseCallback(self))
+
+    # ---- loss ------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        step = self.state.global_step
+        for d in self.defenses:
+            inputs = d.transform_batch(model, inputs, step)
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        terms: dict[str, torch.Tensor] = {}
+        for d in self.defenses:
+            for name, value in d.loss_terms(model, inputs, outputs).items():
+                if name in terms:
+                    raise RuntimeError(f"two defenses return a loss term named {name!r}")
+                terms[name] = value
+        if terms:
+            self._log_term("task_loss", loss)
+            # The task loss is already normalised over the whole accumulated batch when the model takes
+            # num_items_in_batch; per-micro-batch terms then need the 1/GA factor themselves (the trainer only
+            # divides losses that were not normalised that way).
+            scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ga = self.current_gradient_accumulation_steps if scaled else 1
+            for name, value in terms.items():
+                self._log_term(name, value)
+                loss = loss + value.to(loss.dtype) / ga
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_term(self, name: str, value: torch.Tensor) -> None:
+        self._term_sums[name] += float(value.detach().float())
+        self._term_counts[name] += 1
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._term_counts and "loss" in logs:
+            for name, total in self._term_sums.items():
+                logs[name] = round(total / max(1, self._term_counts[name]), 6)
+            self._term_sums.clear()
+            self._term_counts.clear()
+        super().log(logs, *args, **kwargs)
+
+    # ---- defense state for resume ----------------------------------------------------------------------------
+    def defense_state(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for d in self.defenses:
+            for k, v in d.state_dict().items():
+                out[f"{d.name}.{k}"] = v.detach().contiguous().cpu()
+        return out
+
+    def load_defense_state(self, checkpoint: str | os.PathLike) -> None:
+        path = Path(checkpoint) / DEFENSE_STATE
+        if not path.is_file():
+            return
+        state = load_file(str(path))
+        for d in self.defenses:
+            prefix = f"{d.name}."
+            d.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            self.load_defense_state(resume_from_checkpoint)
+        out = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        return out

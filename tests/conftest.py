@@ -1,0 +1,80 @@
+"""Shared test fixtures: the shared data folder (skip when absent) and a tiny in-process tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Classify the sentiment of this review: positive or negative. "
+    "Sure, here is a plan. I can't help with that request, but I can offer a safer alternative instead. "
+    "What is 12 plus 30? The final answer is: 42. user assistant system ### Instruction: ### Response: "
+    "World Sports Business Sci/Tech news headline sentence answer question 0123456789 , . ! ? : ; ' \" ( ) "
+)
+
+
+def build_tiny_tokenizer(chat_template: str | None = CHATML_TEMPLATE):
+    """A byte-level BPE tokenizer trained in-process on a few hundred characters (no downloads).
+
+    Special tokens: ``<|im_start|>``, ``<|im_end|>`` (eos) and ``<pad>``; ChatML chat template unless
+    ``chat_template`` is None. Any text round-trips because the alphabet is all 256 bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 3, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    hf.name_or_path = "tiny-test-tokenizer"
+    if chat_template is not None:
+        hf.chat_template = chat_template
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """Tiny ChatML tokenizer (vocab ≤ 400, ids < 400) built in-process; eos = <|im_end|>, pad = <pad>."""
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_no_template():
+    """The same tokenizer without a chat template."""
+    return build_tiny_tokenizer(chat_template=None)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of the shared real data sets (``$SAFEFT_SHARED_DATA`` or ``../shared/data``); skips when absent."""
+    import os
+
+    candidates = []
+    if os.environ.get("SAFEFT_SHARED_DATA"):
+        candidates.append(Path(os.environ["SAFEFT_SHARED_DATA"]))
+    repo = Path(__file__).resolve().parents[1]
+    candidates += [Path.cwd().parent / "shared" / "data", repo.parent / "shared" / "data"]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    pytest.skip(f"../shared/data not found: looked in {[str(c) for c in candidates]}")
