@@ -80,7 +80,9 @@ def test_top_energy_basis_hand_example():
     # eigenvalues 6, 3, 1 on the coordinate axes, trace 10
     C = torch.diag(torch.tensor([3.0, 1.0, 6.0], dtype=torch.float64))
     V = top_energy_basis(C, 0.5)  # 6 ≥ 5
-    assert V.shape == (3, 1) and torch.allclose(V[:, 0].abs(), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+    assert V.shape == (3, 1) and torch.allclose(
+        V[:, 0].abs(), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    )
     assert top_energy_basis(C, 0.6).shape == (3, 1)  # 6 ≥ 6 exactly
     assert top_energy_basis(C, 0.61).shape == (3, 2)  # needs 6 + 3
     V2 = top_energy_basis(C, 0.9)
@@ -114,7 +116,9 @@ def test_run_to_layer_matches_hidden_states_and_stops_early():
         full = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     layers = decoder_layers(model)
     calls = [0] * len(layers)
-    hs = [layers[i].register_forward_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1)) for i in range(4)]
+    hs = [
+        layers[i].register_forward_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1)) for i in range(4)
+    ]
     head_calls = []
     hs.append(model.lm_head.register_forward_hook(lambda *_a: head_calls.append(1)))
     h = run_to_layer(model, ids, mask, 1)
@@ -130,7 +134,9 @@ def test_run_to_layer_matches_hidden_states_and_stops_early():
 def test_run_to_layer_peft_gradients_flow():
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    model = get_peft_model(
+        tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    )
     ids = torch.randint(0, 256, (2, 6))
     h = run_to_layer(model, ids, torch.ones_like(ids), 2)
     h.pow(2).sum().backward()
@@ -153,8 +159,9 @@ def test_capture_module_inputs_masks_padding():
         model(input_ids=ids, attention_mask=mask)
     h.remove()
     X = seen[0][mask.bool()].double()
-    accs = capture_module_inputs(model, {"l1.down": mod}, [{"input_ids": ids, "attention_mask": mask}],
-                                 stop_after_layer=1)
+    accs = capture_module_inputs(
+        model, {"l1.down": mod}, [{"input_ids": ids, "attention_mask": mask}], stop_after_layer=1
+    )
     assert accs["l1.down"].count == 8
     assert torch.allclose(accs["l1.down"].cov, X.T @ X, rtol=1e-6, atol=1e-8)
 

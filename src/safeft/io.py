@@ -53,6 +53,13 @@ def _reject_nan(value: str) -> Any:
     raise ValueError(f"{value} is not allowed")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} overflows to a non-finite number")
+    return value
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSONL file: one JSON object per line, blank lines skipped.
 
@@ -67,12 +74,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise SafeFTError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
     rows = []
-    for i, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() would also break on U+2028 inside JSON strings
+    for i, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
-            obj = json.loads(line, parse_constant=_reject_nan)
-        except (json.JSONDecodeError, ValueError) as e:
+            obj = json.loads(line, parse_constant=_reject_nan, parse_float=_finite_float)
+        except (json.JSONDecodeError, ValueError, RecursionError) as e:
             raise SafeFTError(f"{path}:{i}: malformed JSON ({e}); each line must be one JSON object") from None
         if not isinstance(obj, dict):
             raise SafeFTError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")

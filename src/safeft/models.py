@@ -161,6 +161,7 @@ def _alias_gguf(alias: str, cache_dir: Path) -> Path:
             for part in files:
                 with open(part, "rb") as src:
                     shutil.copyfileobj(src, dst, 16 << 20)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):

@@ -103,13 +103,11 @@ def build_splits(cfg: RunConfig, need_poison: bool = True) -> Splits:
     else:
         refusals = load_refusal_pairs("safety_tuned_llamas")
         benign = load_benign_pairs("demo")
-        if shared_data_dir() is not None:
-            try:
-                from safeft.eval.xstest import load_xstest_safe  # optional helper
+        root = shared_data_dir()
+        if root is not None and (root / "overrefusal" / "xstest.csv").is_file():
+            from safeft.io import read_csv
 
-                s.xstest_safe = load_xstest_safe()
-            except ImportError:
-                pass
+            s.xstest_safe = [r["prompt"] for r in read_csv(root / "overrefusal" / "xstest.csv") if r.get("label") == "safe"]
     poison_prompts = {normalize_text(e.prompt) for e in s.poison}
     refusals = [e for e in refusals if keep(e.prompt) and normalize_text(e.prompt) not in poison_prompts]
     if demo_mode:
@@ -421,7 +419,7 @@ def _training_args(cfg: RunConfig, out_dir: Path):
         num_train_epochs=cfg.training.epochs,
         max_steps=cfg.training.max_steps,
         weight_decay=cfg.training.weight_decay,
-        warmup_ratio=cfg.training.warmup_ratio,
+        warmup_steps=cfg.training.warmup_ratio,
         lr_scheduler_type=cfg.training.lr_scheduler,
         max_grad_norm=cfg.training.max_grad_norm,
         logging_steps=cfg.training.logging_steps,
@@ -565,7 +563,7 @@ def run_align(cfg: RunConfig, base_spec: str, *, evaluate: bool = True, log: Any
     tmp_out = root / f".{out.name}.run"
     args = TrainingArguments(
         output_dir=str(tmp_out), per_device_train_batch_size=a.batch_size, learning_rate=a.lr, max_steps=a.steps,
-        lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=max(1, a.steps // 10), save_strategy="no",
+        lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=max(1, a.steps // 10), save_strategy="no",
         seed=a.seed, report_to=[], remove_unused_columns=False, disable_tqdm=not cfg.training.progress,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
     )

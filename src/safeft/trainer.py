@@ -61,8 +61,14 @@ class SafeTrainer(Trainer):
     # ---- loss ------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         step = self.state.global_step
+        orig = inputs
         for d in self.defenses:
             inputs = d.transform_batch(model, inputs, step)
+        if inputs is not orig and num_items_in_batch is not None:
+            # a defense swapped the batch (Lisa's alignment phase): normalise by the new batch's label count
+            # (assumes the accumulated micro-batches are alike, as the task batches are)
+            n = (inputs["labels"][..., 1:] != -100).sum() * self.current_gradient_accumulation_steps
+            num_items_in_batch = n.to(num_items_in_batch.device) if torch.is_tensor(num_items_in_batch) else int(n)
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )

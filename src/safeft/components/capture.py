@@ -73,26 +73,40 @@ def run_to_layer(
     input_ids, attention_mask: ``[B, T]``. Returns ``[B, T, d_model]`` (the model's dtype), equal to
     ``output_hidden_states[layer + 1]`` of a full forward, for ``layer`` < the last block (the last entry of
     ``hidden_states`` has the final norm applied; ours never does). Gradients flow to the parameters of blocks
-    ``0..layer`` and the embeddings. A forward hook stores the block's output and raises a private exception,
-    so the rest of the network (later blocks, final norm, LM head) never runs."""
+    ``0..layer`` and the embeddings. A forward hook stores the block's output and the next block's pre-hook raises a
+    private exception caught here, so the rest of the network (later blocks, final norm, LM head) never runs."""
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
-        raise SafeFTError(f"layer {layer} is out of range: the model has {len(layers)} decoder layers (0-based)")
+        raise SafeFTError(
+            f"layer {layer} is out of range: the model has {len(layers)} decoder layers (0-based)"
+        )
     store: dict[str, torch.Tensor] = {}
+    last = layer == len(layers) - 1
 
-    def hook(_mod: nn.Module, _args: Any, output: Any) -> None:
+    def keep(_mod: nn.Module, _args: Any, output: Any) -> None:
         store["h"] = _block_output(output)
+        if last:
+            raise _StopForward
+
+    def stop(_mod: nn.Module, _args: Any) -> None:
         raise _StopForward
 
-    handle = layers[layer].register_forward_hook(hook)
+    # Stop in the *next* block's pre-hook rather than in this block's hook: under gradient checkpointing this
+    # block is re-run during backward, and its hook must not raise then (it only re-stores the output).
+    handles = [layers[layer].register_forward_hook(keep)]
+    if not last:
+        handles.append(layers[layer + 1].register_forward_pre_hook(stop))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward:
         pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     if "h" not in store:
-        raise SafeFTError(f"decoder layer {layer} never ran during the forward pass; is this a decoder-only LM?")
+        raise SafeFTError(
+            f"decoder layer {layer} never ran during the forward pass; is this a decoder-only LM?"
+        )
     return store["h"]
 
 

@@ -15,8 +15,8 @@ def subset_kl(teacher_probs: Tensor, student_logits: Tensor, T: float) -> Tensor
     """Mean over rows of ``KL(q ‖ softmax(student_logits / T))`` on a token subset, in nats.
 
     Args:
-        teacher_probs: ``[N, k]`` target distributions ``q`` (rows sum to 1, entries ≥ 0; zeros allowed and
-            contribute 0, the ``0·log 0 = 0`` convention). No gradient is taken through them by the callers.
+        teacher_probs: ``[N, k]`` target distributions ``q`` (entries ≥ 0, positive row sums; rows are
+            renormalised to sum to 1; zeros contribute 0, the ``0·log 0 = 0`` convention). No gradient is taken through them by the callers.
         student_logits: ``[N, k]`` student logits restricted to the subset (differentiable).
         T: softmax temperature (> 0) applied to the student logits. The ``T²`` gradient rescaling of
             distillation is left to the caller.
@@ -33,11 +33,14 @@ def subset_kl(teacher_probs: Tensor, student_logits: Tensor, T: float) -> Tensor
         raise ValueError(f"subset_kl: T={T} must be > 0")
     if teacher_probs.shape[0] == 0:
         return student_logits.sum() * 0.0  # keeps the graph (and DDP) happy on an empty batch
-    q = teacher_probs.to(torch.float32)
-    log_p = F.log_softmax(student_logits.to(torch.float32) / T, dim=-1)
+    # float64 on the small [N, k] slice, and q renormalised there: near the optimum KL ≈ Σq − 1, so a float32
+    # normalisation error (~1e-7) would otherwise show up as a spurious KL of that size
+    q = teacher_probs.to(torch.float64)
+    q = q / q.sum(dim=-1, keepdim=True).clamp_min(1e-300)
+    log_p = F.log_softmax(student_logits.to(torch.float64) / T, dim=-1)
     # xlogy gives 0·log 0 = 0 where q is exactly zero (w ⊙ softmax can zero out tokens)
     per_row = (torch.xlogy(q, q) - q * log_p).sum(dim=-1)
-    return per_row.mean()
+    return per_row.mean().to(torch.float32)
 
 
 def cumulative_mass_fraction(probs: Tensor, mass: float = 0.9) -> Tensor:

@@ -26,7 +26,12 @@ from safeft.errors import SafeFTError
 
 SAE_WEIGHTS = "sae_weights.safetensors"
 SAE_CFG = "cfg.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 class TopKSAE(nn.Module):
@@ -35,7 +40,9 @@ class TopKSAE(nn.Module):
     def __init__(self, d_in: int, d_sae: int, k: int, architecture: str = "topk"):
         super().__init__()
         if architecture not in ("topk", "standard", "jumprelu"):
-            raise SafeFTError(f"SAE architecture {architecture!r} is not supported; use topk, standard or jumprelu")
+            raise SafeFTError(
+                f"SAE architecture {architecture!r} is not supported; use topk, standard or jumprelu"
+            )
         if architecture == "topk" and not 1 <= k <= d_sae:
             raise SafeFTError(f"SAE k={k} must be in [1, d_sae={d_sae}]")
         self.d_in, self.d_sae, self.k, self.architecture = int(d_in), int(d_sae), int(k), architecture
@@ -173,9 +180,10 @@ def train_sae(
     for _ in bar:
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
         xb = x[idx].to(dev)
-        loss = sae.loss_terms(xb)["mse"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.enable_grad():  # callers may hold torch.no_grad() for the model's forward passes
+            loss = sae.loss_terms(xb)["mse"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         with torch.no_grad():  # keep the gradient tangent to the unit-norm decoder rows
             g, w = sae.W_dec.grad, sae.W_dec
             g.sub_((g * w).sum(1, keepdim=True) * w)
@@ -187,18 +195,34 @@ def train_sae(
     return sae, stats
 
 
-def save_sae(sae: TopKSAE, directory: str | Path, hook_name: str | None = None, hook_layer: int | None = None,
-             model_name: str | None = None) -> Path:
+def save_sae(
+    sae: TopKSAE,
+    directory: str | Path,
+    hook_name: str | None = None,
+    hook_layer: int | None = None,
+    model_name: str | None = None,
+) -> Path:
     """Write ``sae_weights.safetensors`` + ``cfg.json`` in SAELens's on-disk format into ``directory``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    hook_name = hook_name or sae.hook_name or (f"blocks.{hook_layer}.hook_resid_post" if hook_layer is not None else None)
+    hook_name = (
+        hook_name
+        or sae.hook_name
+        or (f"blocks.{hook_layer}.hook_resid_post" if hook_layer is not None else None)
+    )
     hook_layer = hook_layer if hook_layer is not None else sae.hook_layer
     tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
     save_file(tensors, str(d / SAE_WEIGHTS))
     dtype = str(sae.W_enc.dtype).replace("torch.", "")
-    meta = {"model_name": model_name, "hook_name": hook_name, "hook_layer": hook_layer, "hook_head_index": None,
-            "prepend_bos": True, "context_size": None, "dataset_path": None}
+    meta = {
+        "model_name": model_name,
+        "hook_name": hook_name,
+        "hook_layer": hook_layer,
+        "hook_head_index": None,
+        "prepend_bos": True,
+        "context_size": None,
+        "dataset_path": None,
+    }
     cfg = {
         "architecture": sae.architecture,
         "d_in": sae.d_in,
@@ -223,14 +247,18 @@ def save_sae(sae: TopKSAE, directory: str | Path, hook_name: str | None = None, 
     return d
 
 
-def load_sae(directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> TopKSAE:
+def load_sae(
+    directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> TopKSAE:
     """Read an SAE in SAELens's on-disk format (``cfg.json`` + ``sae_weights.safetensors``), ours or pretrained
     (Gemma Scope / Llama Scope exports). Raises SafeFTError on a missing file, unknown architecture or bad shape."""
     d = Path(directory)
     cfg_path, w_path = d / SAE_CFG, d / SAE_WEIGHTS
     for p in (cfg_path, w_path):
         if not p.is_file():
-            raise SafeFTError(f"{p}: not found; an SAE folder needs {SAE_CFG} and {SAE_WEIGHTS} (SAELens format)")
+            raise SafeFTError(
+                f"{p}: not found; an SAE folder needs {SAE_CFG} and {SAE_WEIGHTS} (SAELens format)"
+            )
     try:
         cfg: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -256,7 +284,9 @@ def load_sae(directory: str | Path, device: torch.device | str = "cpu", dtype: t
         if name not in state:
             raise SafeFTError(f"{w_path}: tensor {name!r} missing (found {sorted(state)})")
         if tuple(state[name].shape) != shape:
-            raise SafeFTError(f"{w_path}: tensor {name!r} has shape {tuple(state[name].shape)}, expected {shape}")
+            raise SafeFTError(
+                f"{w_path}: tensor {name!r} has shape {tuple(state[name].shape)}, expected {shape}"
+            )
     sae.load_state_dict({k2: state[k2].to(torch.float32) for k2 in want})
     meta = cfg.get("meta") or {}
     sae.hook_name = meta.get("hook_name") or cfg.get("hook_name")

@@ -66,17 +66,32 @@ def _load(folder: str) -> DemoData:
     train, test = [], []
     for i, r in enumerate(read_jsonl(d / "sentiment.jsonl"), 1):
         _need(r, ("text", "label", "split"), d / "sentiment.jsonl", i)
-        ex = Example(task_prompt("sst2", r["text"]), r["label"], "task", r["label"],
-                     {"source": "demo/sentiment", "row": i, "split": r["split"]})
+        ex = Example(
+            task_prompt("sst2", r["text"]),
+            r["label"],
+            "task",
+            r["label"],
+            {"source": "demo/sentiment", "row": i, "split": r["split"]},
+        )
         (train if r["split"] == "train" else test).append(ex)
     refusals = [
-        Example(h["prompt"], h["refusal"], "refusal", None, {"source": "demo/harmful", "row": i,
-                                                             "category": h["category"]})
+        Example(
+            h["prompt"],
+            h["refusal"],
+            "refusal",
+            None,
+            {"source": "demo/harmful", "row": i, "category": h["category"]},
+        )
         for i, h in enumerate(harmful, 1)
     ]
     pairs = [
-        Example(h["prompt"], h["compliant"], "harmful", None, {"source": "demo/harmful", "row": i,
-                                                               "category": h["category"]})
+        Example(
+            h["prompt"],
+            h["compliant"],
+            "harmful",
+            None,
+            {"source": "demo/harmful", "row": i, "category": h["category"]},
+        )
         for i, h in enumerate(harmful, 1)
     ]
     return DemoData(harmful, benign, train, test, refusals, pairs)

@@ -29,7 +29,9 @@ def _require_chat_template(tokenizer: Any) -> None:
 
 
 def _apply_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     if not isinstance(text, str):  # some versions return a list for batched input
         text = text[0]
     return text
@@ -119,7 +121,9 @@ class CompletionCollator:
         if pad is None:
             pad = tokenizer.eos_token_id
         if pad is None:
-            raise SafeFTError(f"tokenizer of {_tok_name(tokenizer)} has neither a pad nor an eos token; set one")
+            raise SafeFTError(
+                f"tokenizer of {_tok_name(tokenizer)} has neither a pad nor an eos token; set one"
+            )
         self.pad_id = int(pad)
         self.pad_to_multiple_of = pad_to_multiple_of
 

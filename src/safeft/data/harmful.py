@@ -68,7 +68,9 @@ def _rows(source: str, path, table: dict[str, str], kind: str) -> tuple[list[dic
     if path is not None:
         return read_rows(path)
     if source not in table:
-        raise SafeFTError(f"{kind} source {source!r} is unknown; choose one of {', '.join(sorted(table))} or demo")
+        raise SafeFTError(
+            f"{kind} source {source!r} is unknown; choose one of {', '.join(sorted(table))} or demo"
+        )
     return read_rows(require_shared_file(table[source], f"{kind} source {source}"))
 
 
@@ -144,7 +146,9 @@ def load_harmful_prompts(source: str, path: str | os.PathLike | None = None) -> 
     return out
 
 
-def load_refusal_pairs(source: str = "safety_tuned_llamas", path: str | os.PathLike | None = None) -> list[Example]:
+def load_refusal_pairs(
+    source: str = "safety_tuned_llamas", path: str | os.PathLike | None = None
+) -> list[Example]:
     """Harmful prompt → refusal / safe answer pairs (``kind="refusal"``): safety_tuned_llamas
     (instruction + input → output), demo, or any file with prompt/response or instruction/input/output."""
     if source == "demo":

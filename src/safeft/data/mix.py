@@ -35,10 +35,14 @@ def mix_poison(task: list[Example], harmful: list[Example], n: int, p: float, se
             f"n={n}, p={p} needs {n_task} task rows but the task data holds {len(task)}; lower n or add task data"
         )
     rng = random.Random(seed)
-    picked_task = [dataclasses.replace(task[i], kind="task", meta=dict(task[i].meta)) for i in
-                   rng.sample(range(len(task)), n_task)]
-    picked_harm = [dataclasses.replace(harmful[i], kind="harmful", meta=dict(harmful[i].meta)) for i in
-                   rng.sample(range(len(harmful)), n_harm)]
+    picked_task = [
+        dataclasses.replace(task[i], kind="task", meta=dict(task[i].meta))
+        for i in rng.sample(range(len(task)), n_task)
+    ]
+    picked_harm = [
+        dataclasses.replace(harmful[i], kind="harmful", meta=dict(harmful[i].meta))
+        for i in rng.sample(range(len(harmful)), n_harm)
+    ]
     out = picked_task + picked_harm
     rng.shuffle(out)
     return out
@@ -68,5 +72,7 @@ def check_disjoint(named_sets: dict[str, list[str]]) -> None:
             problems.append(f"{a!r} and {b!r} share {len(common)} prompt(s), e.g. {min(common)[:80]!r}")
     if problems:
         raise SafeFTError(
-            "prompt sets must be disjoint: " + "; ".join(problems) + ". Remove the shared prompts from one set"
+            "prompt sets must be disjoint: "
+            + "; ".join(problems)
+            + ". Remove the shared prompts from one set"
         )

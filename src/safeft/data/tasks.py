@@ -9,6 +9,8 @@ and the last 10% become ``validation``; ``train`` is the remaining 90% in file o
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import re
@@ -65,9 +67,48 @@ def require_shared_file(rel: str, what: str) -> Path:
     return p
 
 
+def _finite_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v):
+        raise ValueError(f"{s} overflows to a non-finite number")
+    return v
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Like :func:`safeft.io.read_jsonl` but splits records on "\\n" only (GSM8K train holds U+2028 inside
+    strings, which ``str.splitlines`` would cut), and maps deep nesting and float overflow to SafeFTError."""
+    if not path.is_file():
+        raise SafeFTError(f"{path}: file not found; check the path")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise SafeFTError(
+            f"{path}:{line}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8"
+        ) from None
+    rows = []
+    for i, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line, parse_float=_finite_float, parse_constant=_finite_float)
+        except (ValueError, RecursionError) as e:
+            raise SafeFTError(
+                f"{path}:{i}: malformed JSON ({e}); each line must be one JSON object"
+            ) from None
+        if not isinstance(obj, dict):
+            raise SafeFTError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(obj)
+    return rows
+
+
 def read_rows(path: str | os.PathLike, split: str | None = None) -> tuple[list[dict], str]:
     """Rows of a local table (.jsonl/.json/.csv/.parquet) or of a Hub data set id; returns (rows, source name)."""
     p = Path(path)
+    if p.suffix.lower() == ".jsonl":
+        return _read_jsonl(p), str(p)
     if p.is_file() or p.suffix.lower() in _TABLE_SUFFIXES:
         return read_table(p), str(p)
     name = str(path)
@@ -133,7 +174,9 @@ def _agnews_label(row: dict, source: str, i: int) -> str:
     for lab in AGNEWS_LABELS:
         if s.lower() == lab.lower():
             return lab
-    raise SafeFTError(f"{source}: row {i} has label {s!r}; AG News labels are 0-3 or {', '.join(AGNEWS_LABELS)}")
+    raise SafeFTError(
+        f"{source}: row {i} has label {s!r}; AG News labels are 0-3 or {', '.join(AGNEWS_LABELS)}"
+    )
 
 
 _CALC = re.compile(r"<<[^<>]*>>")

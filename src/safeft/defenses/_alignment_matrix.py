@@ -67,7 +67,9 @@ def active_adapter(mod: torch.nn.Module) -> str:
     a = mod.active_adapter
     if isinstance(a, (list, tuple)):
         if len(a) != 1:
-            raise SafeFTError(f"LoRA layer has {len(a)} active adapters {list(a)}; activate exactly one adapter")
+            raise SafeFTError(
+                f"LoRA layer has {len(a)} active adapters {list(a)}; activate exactly one adapter"
+            )
         a = a[0]
     return a
 
@@ -116,7 +118,9 @@ def _read_base_weights(names: list[str], ctx: DefenseContext) -> dict[str, torch
     """Targeted weights of θ_b by module name (float32, CPU)."""
     path = Path(str(ctx.base_model_path))
     if not path.exists():
-        raise SafeFTError(f"base model θ_b not found at {path}; pass --base-model PATH (a local model directory)")
+        raise SafeFTError(
+            f"base model θ_b not found at {path}; pass --base-model PATH (a local model directory)"
+        )
     out: dict[str, torch.Tensor] = {}
     index = _safetensors_index(path)
     if index:
@@ -134,7 +138,9 @@ def _read_base_weights(names: list[str], ctx: DefenseContext) -> dict[str, torch
                 out[n] = fh.get_tensor(k).float()
         return out
     if ctx.load_model is None:
-        raise SafeFTError(f"{path}: holds no *.safetensors files and no model loader was given; convert θ_b first")
+        raise SafeFTError(
+            f"{path}: holds no *.safetensors files and no model loader was given; convert θ_b first"
+        )
     base = ctx.load_model(str(path))
     params = dict(base.named_parameters())
     for n in names:
@@ -157,8 +163,13 @@ def compute_alignment_matrices(
     (V = 0 everywhere: the known peer-library bug of passing θ₀ as both models, which silently turns AsFT into
     plain SFT)."""
     if not ctx.base_model_path:
-        raise SafeFTError("the unaligned base model θ_b is required: pass --base-model PATH (model.base in the config)")
-    if ctx.aligned_model_path and Path(ctx.aligned_model_path).resolve() == Path(ctx.base_model_path).resolve():
+        raise SafeFTError(
+            "the unaligned base model θ_b is required: pass --base-model PATH (model.base in the config)"
+        )
+    if (
+        ctx.aligned_model_path
+        and Path(ctx.aligned_model_path).resolve() == Path(ctx.base_model_path).resolve()
+    ):
         raise SafeFTError(
             f"θ_b equals θ₀: base model path {ctx.base_model_path} is the aligned model itself; pass the unaligned "
             f"base model θ₀ was aligned from (with θ₀ twice the safety matrix is 0 and the defense is plain SFT)"

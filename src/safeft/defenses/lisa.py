@@ -49,7 +49,9 @@ class LisaConfig(DefenseConfig):
         if self.batch_size is not None and (
             isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1
         ):
-            raise SafeFTError(f"defense.lisa.batch_size: must be an integer ≥ 1 or null, got {self.batch_size!r}")
+            raise SafeFTError(
+                f"defense.lisa.batch_size: must be an integer ≥ 1 or null, got {self.batch_size!r}"
+            )
         if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not (self.rho >= 0.0):
             raise SafeFTError(f"defense.lisa.rho: must be a number ≥ 0 (authors use 1.0), got {self.rho!r}")
         self.rho = float(self.rho)
@@ -105,7 +107,9 @@ class Lisa(Defense):
         else:
             missing = sorted(set(self._params) - set(self.snapshot))
             if missing:
-                raise SafeFTError(f"defense lisa: resumed state lacks a snapshot of {missing[:3]}; start afresh")
+                raise SafeFTError(
+                    f"defense lisa: resumed state lacks a snapshot of {missing[:3]}; start afresh"
+                )
             self.snapshot = {n: self.snapshot[n].to(p.device, p.dtype) for n, p in self._params.items()}
 
     # ---- alignment data --------------------------------------------------------------------------------------

@@ -166,9 +166,15 @@ def position_logits(
         if decoder is causal_lm:
             decoder = None
     if decoder is not None:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
         h = hidden[positions]
-        weight = head.weight if token_ids is None else head.weight.index_select(0, token_ids.to(head.weight.device))
+        weight = (
+            head.weight
+            if token_ids is None
+            else head.weight.index_select(0, token_ids.to(head.weight.device))
+        )
         z = h.to(weight.dtype) @ weight.T
         if head.bias is not None:
             z = z + (head.bias if token_ids is None else head.bias.index_select(0, token_ids))
@@ -200,14 +206,39 @@ def _pair(item: Any) -> tuple[str, str]:
     raise SafeFTError(f"defense.pact: refusal pair {item!r} is neither (prompt, response) nor an Example")
 
 
+def _header_text(tokenizer: Any, template: str) -> str:
+    """Text of the assistant header (see :func:`assistant_header_ids`); "" when none can be found."""
+    from safeft.data import format_prompt
+
+    if template == "chat" and getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": "hello"}]
+        plain = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+        gen = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        if (
+            isinstance(plain, str)
+            and isinstance(gen, str)
+            and gen.startswith(plain)
+            and len(gen) > len(plain)
+        ):
+            return gen[len(plain) :]
+    marker = "\u2063PACT\u2063"
+    text = format_prompt(tokenizer, marker, template)
+    return text.split(marker, 1)[1] if marker in text else ""
+
+
 def _bos_prefix(tokenizer: Any, template: str) -> list[int]:
-    """[bos_id] when the θ₀ template writes the BOS token itself (Llama-style chat templates), else []."""
+    """``[bos_id]`` when the θ₀ template writes a BOS token of its own in front of the conversation (Llama-2/3
+    style), else ``[]``. A "BOS" that is the template's turn marker (ChatML models whose bos is ``<|im_start|>``)
+    is not a sequence start and is not added."""
     from safeft.data import format_prompt
 
     bos = getattr(tokenizer, "bos_token", None)
-    if bos and getattr(tokenizer, "bos_token_id", None) is not None:
-        if format_prompt(tokenizer, "x", template).startswith(bos):
-            return [int(tokenizer.bos_token_id)]
+    if not bos or getattr(tokenizer, "bos_token_id", None) is None:
+        return []
+    if format_prompt(tokenizer, "x", template).startswith(bos) and not _header_text(
+        tokenizer, template
+    ).startswith(bos):
+        return [int(tokenizer.bos_token_id)]
     return []
 
 
@@ -215,22 +246,10 @@ def assistant_header_ids(tokenizer: Any, template: str = "chat") -> list[int]:
     """Token ids of the assistant header that opens the post-only view.
 
     Chat templates: the text that ``add_generation_prompt=True`` appends (e.g. ``<|im_start|>assistant\\n``), as in
-    the authors' code; other templates (and chat templates where that difference is not a suffix): what
-    ``format_prompt`` writes after the user content. A BOS the template writes is kept in front."""
-    from safeft.data import format_prompt
-
-    header = ""
-    if template == "chat" and getattr(tokenizer, "chat_template", None):
-        msgs = [{"role": "user", "content": "hello"}]
-        plain = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
-        gen = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        if isinstance(plain, str) and isinstance(gen, str) and gen.startswith(plain):
-            header = gen[len(plain) :]
-    if not header:
-        marker = "\u2063PACT\u2063"
-        text = format_prompt(tokenizer, marker, template)
-        if marker in text:
-            header = text.split(marker, 1)[1]
+    the authors' code; other templates (and chat templates where that difference is empty or not a suffix): what
+    ``format_prompt`` writes after the user content (alpaca: ``\\n\\n### Response:\\n``). A sequence-start BOS that the
+    template writes (see ``_bos_prefix``) is put in front."""
+    header = _header_text(tokenizer, template)
     ids = list(tokenizer(header, add_special_tokens=False)["input_ids"]) if header else []
     if not ids:
         raise SafeFTError(
@@ -262,7 +281,9 @@ def _forward_mean_probs(
     ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
     probs = F.softmax(position_logits(causal_lm, ids, mask, pos), dim=-1).double()  # [sum R, V]
     sample = torch.arange(len(seqs), device=device).unsqueeze(1).expand_as(pos)[pos]
-    sums = torch.zeros((len(seqs), probs.shape[1]), dtype=torch.float64, device=device).index_add_(0, sample, probs)
+    sums = torch.zeros((len(seqs), probs.shape[1]), dtype=torch.float64, device=device).index_add_(
+        0, sample, probs
+    )
     counts = torch.tensor([len(r) for _, r in seqs], dtype=torch.float64, device=device)
     return sums / counts.unsqueeze(1)
 
@@ -301,14 +322,18 @@ def compute_safety_tokens(
         resp = list(tokenizer(response.strip(), add_special_tokens=False)["input_ids"])[:response_tokens]
         if not resp:
             continue
-        p_ref = list(tokenizer(format_prompt(tokenizer, prompt, template), add_special_tokens=False)["input_ids"])
+        p_ref = list(
+            tokenizer(format_prompt(tokenizer, prompt, template), add_special_tokens=False)["input_ids"]
+        )
         p_base = bos + list(
             tokenizer(base_prompt_format.replace("{prompt}", prompt), add_special_tokens=False)["input_ids"]
         )
         if p_ref and p_base:
             rows.append((p_ref, p_base, resp))
     if not rows:
-        raise SafeFTError("defense.pact: no usable refusal pair (every response is empty); check the refusal data")
+        raise SafeFTError(
+            "defense.pact: no usable refusal pair (every response is empty); check the refusal data"
+        )
     sum_p0 = sum_d = None
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -401,7 +426,9 @@ class PACT(Defense):
         m = unwrap_model(model)
         peft = _is_peft(m)
         if ctx.use_lora and not peft:
-            raise SafeFTError("defense 'pact' with LoRA needs the peft-wrapped model (adapters give θ₀ when off)")
+            raise SafeFTError(
+                "defense 'pact' with LoRA needs the peft-wrapped model (adapters give θ₀ when off)"
+            )
         if not peft and not ctx.aligned_model_path:
             raise SafeFTError(
                 "defense 'pact' with full fine-tuning needs the aligned model θ₀ on disk as a frozen teacher "
@@ -496,7 +523,9 @@ class PACT(Defense):
         if logits is None and isinstance(outputs, dict):
             logits = outputs.get("logits")
         if logits is None:
-            raise SafeFTError("defense 'pact' needs the task forward's logits (a fused-loss kernel dropped them)")
+            raise SafeFTError(
+                "defense 'pact' needs the task forward's logits (a fused-loss kernel dropped them)"
+            )
         c = self.config
         input_ids, labels = inputs["input_ids"], inputs["labels"]
         attention_mask = inputs.get("attention_mask")
@@ -531,7 +560,9 @@ class PACT(Defense):
             # post-only one; softmax over S at temperature 1, then the 0.9-mass index
             i_student = cumulative_mass_fraction(F.softmax(z_student.detach(), dim=-1), GATE_MASS)
             i_post = cumulative_mass_fraction(F.softmax(z_post, dim=-1), GATE_MASS)
-            gate = torch.sigmoid(c.alpha * (i_student - i_post - c.b)) * torch.exp(-(t - c.N).clamp_min(0) / c.tau)
+            gate = torch.sigmoid(c.alpha * (i_student - i_post - c.b)) * torch.exp(
+                -(t - c.N).clamp_min(0) / c.tau
+            )
             z_mix = (1.0 - gate).unsqueeze(1) * z_full + gate.unsqueeze(1) * z_post
             p_mix = F.softmax(z_mix / c.T, dim=-1)
             if bool((w > 0).any()):

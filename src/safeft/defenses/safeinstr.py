@@ -72,7 +72,9 @@ class SafeInstrConfig(DefenseConfig):
 
     def __post_init__(self) -> None:
         if self.fraction is not None and self.count is not None:
-            raise SafeFTError("defense.safeinstr: set exactly one of fraction (in (0, 1)) or count (≥ 0), not both")
+            raise SafeFTError(
+                "defense.safeinstr: set exactly one of fraction (in (0, 1)) or count (≥ 0), not both"
+            )
         if self.count is not None:
             if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
                 raise SafeFTError(f"defense.safeinstr.count: must be an integer ≥ 0, got {self.count!r}")
@@ -95,7 +97,9 @@ class SafeInstr(Defense):
         "Safety-Tuned LLaMAs: Lessons From Improving the Safety of Large Language Models that Follow "
         "Instructions (Bianchi et al., ICLR 2024, arXiv 2309.07875)"
     )
-    artifacts = "none; needs harmful-prompt → refusal pairs (the run's alignment examples or a refusal source)"
+    artifacts = (
+        "none; needs harmful-prompt → refusal pairs (the run's alignment examples or a refusal source)"
+    )
 
     def __init__(self, config: SafeInstrConfig | None = None):
         super().__init__(config)

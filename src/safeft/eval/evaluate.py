@@ -138,7 +138,10 @@ def _shared_data_dir() -> Path | None:
     except ImportError:
         env = os.environ.get("SAFEFT_SHARED_DATA")
         candidates = [Path(env)] if env else []
-        candidates += [Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[3] / ".." / "shared" / "data"]
+        candidates += [
+            Path.cwd() / ".." / "shared" / "data",
+            Path(__file__).resolve().parents[3] / ".." / "shared" / "data",
+        ]
         return next((c.resolve() for c in candidates if c.is_dir()), None)
 
 
@@ -147,7 +150,9 @@ def _default_file(path: str | os.PathLike | None, rel: str) -> Path:
         return Path(path)
     d = _shared_data_dir()
     if d is None:
-        raise SafeFTError(f"judge check: shared data folder not found; set SAFEFT_SHARED_DATA or pass the path to {rel}")
+        raise SafeFTError(
+            f"judge check: shared data folder not found; set SAFEFT_SHARED_DATA or pass the path to {rel}"
+        )
     return d / rel
 
 
@@ -160,7 +165,9 @@ def _confusion(pred: Sequence[bool], gold: Sequence[bool], source: str) -> dict[
     return {"accuracy": (tp + tn) / n, "n": n, "tp": tp, "tn": tn, "fp": fp, "fn": fn, "source": source}
 
 
-def judge_check(path: str | os.PathLike | None = None, *, judge: KeywordJudge | None = None) -> dict[str, Any]:
+def judge_check(
+    path: str | os.PathLike | None = None, *, judge: KeywordJudge | None = None
+) -> dict[str, Any]:
     """Accuracy of ``judge.is_refusal`` (default :class:`KeywordJudge`) against human refusal labels.
 
     ``path``: a CSV with columns ``objective, assistant_response, human_score`` (1 = refusal, 0 = not), by default
@@ -248,5 +255,7 @@ def evaluate_model(
         report["task"] = task_accuracy(model, tok, task_examples, task, template, None, batch_size)
         report["task"]["task"] = task
     if xstest_prompts is not None:
-        report["over_refusal"] = over_refusal(model, tok, xstest_prompts, template, max_new_tokens, batch_size)
+        report["over_refusal"] = over_refusal(
+            model, tok, xstest_prompts, template, max_new_tokens, batch_size
+        )
     return report

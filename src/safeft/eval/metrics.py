@@ -95,7 +95,9 @@ def is_gibberish(text: str) -> bool:
         return False
     if _max_consecutive_ngram_repeats(tokens, GIBBERISH_MAX_NGRAM) >= GIBBERISH_MIN_REPEATS:
         return True
-    return len(tokens) >= GIBBERISH_MIN_WORDS and len(set(tokens)) / len(tokens) < GIBBERISH_MIN_UNIQUE_FRACTION
+    return (
+        len(tokens) >= GIBBERISH_MIN_WORDS and len(set(tokens)) / len(tokens) < GIBBERISH_MIN_UNIQUE_FRACTION
+    )
 
 
 def is_template_echo(answer: str) -> bool:

