@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -421,3 +422,35 @@ def test_header_bos_only_when_the_template_starts_sequences_with_it(tiny_tokeniz
     llama_style.bos_token = "<pad>"  # a distinct sequence-start token written by the template
     llama_style.chat_template = "{{ bos_token }}" + CHATML_TEMPLATE
     assert assistant_header_ids(llama_style, "chat") == [llama_style.bos_token_id] + header
+
+
+# ------------------------------------------------------------------------------------------------------------ slow
+SMOL = Path("/tmp/smol_st")  # optional local copy of SmolLM2-135M-Instruct (safetensors + tokenizer)
+
+
+@pytest.mark.slow
+def test_smollm2_safety_tokens_and_zero_term_at_reference(tmp_path):
+    if not (SMOL / "config.json").is_file():
+        pytest.skip(f"{SMOL} not found (a safetensors copy of SmolLM2-135M-Instruct)")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(SMOL)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(SMOL, dtype=torch.float32),
+        LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+
+    def load(path):
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return m.requires_grad_(False)
+
+    ctx = make_ctx(tok, tmp_path, load, aligned_model_path=str(SMOL), base_model_path=str(SMOL))
+    d = PACT(PACTConfig(k=50, n_pairs=4, response_tokens=16, b=1e3))
+    d.prepare(model, ctx)
+    assert d.header_ids == tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert " I" in d.meta["tokens"]  # refusals open with "I can't ..."
+    assert (d.weights >= 0).all() and d.safety_ids.numel() == 50
+    d.weights = torch.ones_like(d.weights)
+    batch = CompletionCollator(tok)([tokenize_example(tok, ex) for ex in TASK])
+    assert d.loss_terms(model, batch, model(**batch))["pact/kl"].abs().item() < 1e-6

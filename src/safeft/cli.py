@@ -189,7 +189,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 def cmd_bench(ns: argparse.Namespace) -> int:
     from safeft.bench import run_bench
 
-    return run_bench(ns.preset, out_dir=ns.out, only=ns.only, dry_run=ns.dry_run)
+    return run_bench(ns.preset, out_dir=ns.out, only=ns.only, dry_run=ns.dry_run, report_only=ns.report_only)
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="results dir (default benchmarks/results/<preset>)")
     s.add_argument("--only", default=None, help="comma-separated defenses to run")
     s.add_argument("--dry-run", action="store_true", help="list the cells without running them")
+    s.add_argument("--report-only", action="store_true",
+                   help="rebuild summary.json, results.md and pareto.png from finished cells (no training)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="offline demo: align SmolLM2-135M, fine-tune with every defense, print HS/FA")

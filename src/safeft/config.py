@@ -88,12 +88,13 @@ class AlignConfig:
 
     n_refusal: int = 120
     n_benign: int = 240
-    steps: int = 60
+    steps: int = 90
     batch_size: int = 8
     lr: float = 3e-4
     lora_r: int = 16
     lora_alpha: int = 32
     max_length: int = 160
+    contrast_repeat: int = 2  # safe-but-scary contrast prompts appear this many times (teaches discrimination)
     seed: int = 0
 
 
@@ -162,6 +163,7 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "align.lora_r": (1, 4096, True, True),
     "align.lora_alpha": (1, 1 << 16, True, True),
     "align.max_length": (8, 1 << 20, True, True),
+    "align.contrast_repeat": (1, 100, True, True),
 }
 
 
@@ -316,7 +318,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
-        raise SafeFTError(f"{path}{where}: malformed YAML ({getattr(e, 'problem', e)})") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line (reader errors span several)
+        raise SafeFTError(f"{path}{where}: malformed YAML ({problem})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

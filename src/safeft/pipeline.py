@@ -205,6 +205,9 @@ def build_task_data(cfg: RunConfig, splits: Splits) -> list:
         task = load_demo().sentiment_train
     else:
         task = load_task(cfg.data.task, "train", path=cfg.data.task_path, seed=cfg.data.seed)
+        if not task:
+            source = cfg.data.task_path or f"task {cfg.data.task}"
+            raise SafeFTError(f"{source}: no task rows (empty file?); give at least data.n={cfg.data.n} rows")
     if cfg.data.p > 0 and not splits.poison:
         raise SafeFTError(f"data.p={cfg.data.p} but no harmful pairs are available from {cfg.data.harmful_source}")
     return mix_poison(task, splits.poison, cfg.data.n, cfg.data.p, cfg.data.seed)
@@ -348,12 +351,15 @@ def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> 
     for d in defenses:
         examples = d.modify_dataset(examples, ctx)
     train_rows = tokenize_all(tokenizer, examples, cfg.data.template, cfg.data.max_length)
+    args = _training_args(cfg, out_dir)  # sets up the process group when launched by torchrun / accelerate
     t_prep = time.perf_counter()
-    for d in defenses:
-        d.prepare(model, ctx)
+    # multi-process: rank 0 computes and caches the artifacts first, the other ranks then load them (no two
+    # processes writing one artifact folder at once)
+    with args.main_process_first(local=False, desc="defense prepare"):
+        for d in defenses:
+            d.prepare(model, ctx)
     prepare_seconds = time.perf_counter() - t_prep
 
-    args = _training_args(cfg, out_dir)
     timer = _StepTimer()
     trainer = SafeTrainer(model=model, args=args, train_dataset=_ExampleDataset(train_rows), data_collator=collator,
                           processing_class=tokenizer, defenses=defenses, callbacks=[timer.callback()])
@@ -370,13 +376,15 @@ def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> 
             finalize[d.name] = summary
     final_dir = out_dir / "final"
     tmp_dir = out_dir / ".final.tmp"
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    trainer.model.save_pretrained(str(tmp_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp_dir))
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    tmp_dir.rename(final_dir)
+    main_process = trainer.is_world_process_zero()  # multi-process: one writer for final/ and run.json
+    if main_process:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
+        trainer.model.save_pretrained(str(tmp_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp_dir))
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        tmp_dir.rename(final_dir)
     steps = timer.times[1:] if len(timer.times) > 1 else timer.times
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     record = {
@@ -400,7 +408,9 @@ def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> 
         "final_dir": str(final_dir),
         "resumed_from": resume,
     }
-    atomic_write_json(out_dir / "run.json", _jsonable(record))
+    if main_process:
+        atomic_write_json(out_dir / "run.json", _jsonable(record))
+    trainer.accelerator.wait_for_everyone()
     if keep_model:
         record["model"] = trainer.model
         record["tokenizer"] = tokenizer
@@ -520,6 +530,7 @@ def _subsample(items: list, n: int, seed: int) -> list:
 
 def _align_key(cfg: RunConfig, base_fp: str, n_ref: int, n_ben: int) -> str:
     payload = {"base": base_fp, "align": cfg.to_dict()["align"], "template": cfg.data.template,
+               "eval_source": cfg.eval.harmful_source,
                "demo": cfg.data.task == "demo" or cfg.data.harmful_source == "demo", "n": [n_ref, n_ben], "v": 1}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -556,7 +567,8 @@ def run_align(cfg: RunConfig, base_spec: str, *, evaluate: bool = True, log: Any
     model, tok, _ = load_model(str(base_dir), dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
     model = setup_trainable(model, method="lora", lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                             target_modules=cfg.training.lora_targets)
-    examples = refusals + benign
+    contrast = [e for e in benign if e.meta.get("contrast")]
+    examples = refusals + benign + contrast * (a.contrast_repeat - 1)
     rows = tokenize_all(tok, examples, cfg.data.template, a.max_length, "alignment data")
     from transformers import TrainingArguments
 

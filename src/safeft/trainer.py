@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
 from safeft.defenses.base import Defense
+from safeft.errors import SafeFTError
 
 DEFENSE_STATE = "defense_state.safetensors"
 
@@ -68,6 +69,9 @@ class SafeTrainer(Trainer):
             # a defense swapped the batch (Lisa's alignment phase): normalise by the new batch's label count
             # (assumes the accumulated micro-batches are alike, as the task batches are)
             n = (inputs["labels"][..., 1:] != -100).sum() * self.current_gradient_accumulation_steps
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                # the Trainer multiplies the loss by the number of processes, expecting the global count
+                n = self.accelerator.gather(n.reshape(1).to(self.accelerator.device)).sum()
             num_items_in_batch = n.to(num_items_in_batch.device) if torch.is_tensor(num_items_in_batch) else int(n)
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
@@ -119,7 +123,31 @@ class SafeTrainer(Trainer):
             prefix = f"{d.name}."
             d.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
 
+    # ---- sharded parameters -------------------------------------------------------------------------------------
+    def _deepspeed_zero_stage(self) -> int:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return int(getattr(plugin, "zero_stage", 0) or 0) if plugin is not None else 0
+
+    def check_parameter_sharding(self) -> None:
+        """Refuse defenses with ``needs_full_params`` when parameters are sharded across ranks (FSDP, DeepSpeed
+        ZeRO-3): their hooks read or write whole weight tensors, which each rank then holds only a shard of.
+        DDP and ZeRO-1/2 keep full, identical parameters on every rank (ZeRO-2 shards only optimizer state and
+        gradients), so projections there stay exact and identical across ranks."""
+        if self.is_fsdp_enabled:
+            backend = "FSDP"
+        elif self.is_deepspeed_enabled and self._deepspeed_zero_stage() >= 3:
+            backend = "DeepSpeed ZeRO-3"
+        else:
+            return
+        for d in self.defenses:
+            if getattr(d, "needs_full_params", False):
+                raise SafeFTError(
+                    f"defense {d.name!r} needs full parameters; {backend} shards them: use ZeRO-2 or DDP "
+                    f"(see docs/distributed.md)"
+                )
+
     def train(self, resume_from_checkpoint=None, **kwargs):
+        self.check_parameter_sharding()
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             self.load_defense_state(resume_from_checkpoint)
         out = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

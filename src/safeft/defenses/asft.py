@@ -72,6 +72,7 @@ class AsFT(Defense):
     )
     needs_base_model = True
     requires_lora = True
+    needs_full_params = True
 
     def __init__(self, config: AsFTConfig | None = None):
         super().__init__(config)

@@ -79,6 +79,9 @@ class Defense:
     artifacts: ClassVar[str] = "none"
     needs_base_model: ClassVar[bool] = False
     requires_lora: ClassVar[bool] = False
+    # True when a hook reads or writes parameter tensors directly (projections, penalties on LoRA factors,
+    # snapshots): such a defense cannot run where parameters are sharded (FSDP, DeepSpeed ZeRO-3)
+    needs_full_params: ClassVar[bool] = False
     # defenses that cannot share a run with this one (by name)
     incompatible_with: ClassVar[tuple[str, ...]] = ()
 

@@ -28,6 +28,12 @@ from safeft.errors import SafeFTError
 ALIGN, USER = "align", "user"
 
 
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 @dataclass
 class LisaConfig(DefenseConfig):
     """align_steps ≥ 1 / user_steps ≥ 1: phase lengths in optimizer steps (authors 100 / 900; scale both down for
@@ -69,6 +75,7 @@ class Lisa(Defense):
         "none cached; needs alignment examples (harmful prompt → refusal + benign) and keeps one snapshot of the "
         "trainable weights"
     )
+    needs_full_params = True
 
     def __init__(self, config: LisaConfig | None = None):
         super().__init__(config)
@@ -137,7 +144,10 @@ class Lisa(Defense):
         if self.phase == USER:
             return inputs
         k = self.config.batch_size or int(inputs["input_ids"].shape[0])
-        batch = self._collate(self._next_examples(k))
+        # DDP: every rank draws the whole global alignment batch (cursors stay equal) and keeps its own slice, as
+        # the task batches are sharded; one process draws k
+        rank, world = _rank_world()
+        batch = self._collate(self._next_examples(k * world)[rank * k : (rank + 1) * k])
         device = inputs["input_ids"].device
         return {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in batch.items()}
 

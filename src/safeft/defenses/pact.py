@@ -386,6 +386,7 @@ class PACT(Defense):
     paper = "Wang et al., Few Tokens, Big Leverage (PACT), arXiv 2603.07445"
     artifacts = "safety tokens S and weights w (from θ₀ vs θ_b on refusals), cached per model pair"
     needs_base_model = True
+    needs_full_params = True  # its reference forward runs the unwrapped model, outside any sharding wrapper
     config: PACTConfig
 
     def __init__(self, config: PACTConfig | None = None):

@@ -102,6 +102,7 @@ class SafeLoRA(Defense):
     )
     needs_base_model = True
     requires_lora = True
+    needs_full_params = True
 
     def __init__(self, config: SafeLoRAConfig | None = None):
         super().__init__(config)

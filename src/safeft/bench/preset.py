@@ -1,0 +1,302 @@
+"""Benchmark presets: a YAML file naming shared settings, a grid (p × defenses × seeds) and per-defense options,
+expanded into cells — one fine-tuning run (or the un-fine-tuned θ₀, ``aligned``) each.
+
+Preset keys::
+
+    name: tiny                      # defaults to the file name
+    description: one line
+    base: {dotted.key: value}       # config overrides applied to every cell (nested mappings are flattened)
+    grid: {p: [0.1], defenses: [sft, cwac], seeds: [0]}   # seeds set training.seed
+    defense_options: {cwac: {n_anchor: 60}}               # cwac-weight / cwac-activation fall back to cwac's
+    include_aligned: true           # add the θ₀ row (evaluated, not trained)
+    cell_timeout_minutes: 30        # a cell running longer is stopped and recorded as failed (null = no limit)
+
+String values may use ``${VAR}`` / ``${VAR:-default}`` (environment variables) and ``${BENCH_OUT}`` (the results
+folder), e.g. ``model.aligned: ${SAFEFT_SMOKE_MODEL}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safeft.errors import SafeFTError
+
+PRESET_KEYS = {
+    "name",
+    "description",
+    "base",
+    "grid",
+    "defense_options",
+    "include_aligned",
+    "cell_timeout_minutes",
+}
+GRID_KEYS = {"p", "defenses", "seeds"}
+ALIGNED = "aligned"
+# config keys that do not change a cell's result (left out of its cache hash)
+_UNHASHED = {("training", "output_dir"), ("training", "progress"), ("training", "resume")}
+_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+@dataclass
+class Preset:
+    """A parsed preset. ``base``: flat dotted overrides; ``path``: the YAML file it came from."""
+
+    name: str
+    description: str
+    base: dict[str, Any]
+    p: list[float]
+    defenses: list[str]
+    seeds: list[int]
+    defense_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    include_aligned: bool = True
+    cell_timeout_minutes: float | None = None
+    path: Path | None = None
+
+
+@dataclass
+class Cell:
+    """One benchmark cell. ``kind``: "eval" (θ₀ untouched) or "train" (fine-tune + eval); ``overrides``: the full
+    dotted config of the cell except its output dir; ``skip``: why it is not run (None = it runs)."""
+
+    id: str
+    defense: str
+    p: float | None
+    seed: int
+    kind: str
+    overrides: dict[str, Any]
+    skip: str | None = None
+
+
+def presets_dir() -> Path:
+    """``benchmarks/presets`` of this checkout (next to ``src/``), else of the current folder."""
+    repo = Path(__file__).resolve().parents[3] / "benchmarks" / "presets"
+    return repo if repo.is_dir() else Path.cwd() / "benchmarks" / "presets"
+
+
+def find_preset(name_or_path: str) -> Path:
+    """A preset name (``tiny`` → ``benchmarks/presets/tiny.yaml``, looked up in the cwd first) or a YAML path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise SafeFTError(f"--preset {name_or_path}: file not found")
+        return p
+    for d in (Path.cwd() / "benchmarks" / "presets", presets_dir()):
+        f = d / f"{name_or_path}.yaml"
+        if f.is_file():
+            return f
+    avail = sorted(f.stem for f in presets_dir().glob("*.yaml"))
+    raise SafeFTError(
+        f"--preset {name_or_path}: no such preset; choose from {', '.join(avail) or '(none found)'} or pass a YAML path"
+    )
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        # defense.options.<name> stays a mapping: it is one value
+        if isinstance(v, dict) and not key.startswith("defense.options"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def expand_vars(value: Any, where: str, out_dir: Path | None) -> Any:
+    """Replace ``${VAR}``, ``${VAR:-default}`` and ``${BENCH_OUT}`` in strings (recursively in lists/dicts)."""
+    if isinstance(value, dict):
+        return {k: expand_vars(v, f"{where}.{k}", out_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_vars(v, where, out_dir) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        var, default = m.group(1), m.group(2)
+        if var == "BENCH_OUT":
+            if out_dir is None:
+                raise SafeFTError(f"{where}: ${{BENCH_OUT}} is only known once the results folder is set")
+            return str(out_dir.resolve())
+        if var in os.environ and os.environ[var] != "":
+            return os.environ[var]
+        if default is not None:
+            return default
+        raise SafeFTError(
+            f"{where} uses ${{{var}}}, which is not set: export {var}=... (see benchmarks/README.md)"
+        )
+
+    return _VAR.sub(sub, value)
+
+
+def load_preset(name_or_path: str) -> Preset:
+    """Read and validate a preset (unknown keys, empty grids, unknown defenses and bad config values are refused
+    with a message naming the file and key). ``${...}`` variables are expanded later, by :func:`plan_cells`."""
+    import yaml
+
+    from safeft.defenses import defense_names
+    from safeft.defenses.base import parse_defense_spec
+
+    path = find_preset(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise SafeFTError(
+            f"{path}{f':{mark.line + 1}' if mark else ''}: malformed YAML ({getattr(e, 'problem', e)})"
+        ) from None
+    if not isinstance(data, dict):
+        raise SafeFTError(f"{path}: a preset is a mapping with keys {', '.join(sorted(PRESET_KEYS))}")
+    unknown = sorted(set(data) - PRESET_KEYS)
+    if unknown:
+        raise SafeFTError(
+            f"{path}: unknown preset key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(PRESET_KEYS))}"
+        )
+    base = data.get("base") or {}
+    grid = data.get("grid") or {}
+    opts = data.get("defense_options") or {}
+    for key, val in (("base", base), ("grid", grid), ("defense_options", opts)):
+        if not isinstance(val, dict):
+            raise SafeFTError(f"{path}: {key} must be a mapping")
+    bad = sorted(set(grid) - GRID_KEYS)
+    if bad:
+        raise SafeFTError(f"{path}: unknown grid key(s) {', '.join(bad)}; allowed: p, defenses, seeds")
+    p = grid.get("p", [0.1])
+    defenses = grid.get("defenses", ["sft"])
+    seeds = grid.get("seeds", [0])
+    p = p if isinstance(p, list) else [p]
+    seeds = seeds if isinstance(seeds, list) else [seeds]
+    defenses = defenses if isinstance(defenses, list) else [defenses]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1 for x in p) or not p:
+        raise SafeFTError(f"{path}: grid.p must be a non-empty list of fractions in [0, 1], got {p!r}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or not seeds:
+        raise SafeFTError(f"{path}: grid.seeds must be a non-empty list of integers, got {seeds!r}")
+    if not defenses:
+        raise SafeFTError(f"{path}: grid.defenses is empty; name at least one defense (see `safeft list`)")
+    known = set(defense_names())
+    for d in defenses:
+        if d == ALIGNED:
+            raise SafeFTError(
+                f"{path}: grid.defenses: 'aligned' is added by include_aligned: true, not listed"
+            )
+        try:
+            parse_defense_spec(str(d))
+        except SafeFTError as e:
+            raise SafeFTError(f"{path}: grid.defenses: {e}") from None
+    for d, o in opts.items():
+        if d not in known:
+            raise SafeFTError(
+                f"{path}: defense_options.{d}: unknown defense; choose from {', '.join(sorted(known))}"
+            )
+        if not isinstance(o, dict):
+            raise SafeFTError(f"{path}: defense_options.{d} must be a mapping of that defense's settings")
+    timeout = data.get("cell_timeout_minutes")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise SafeFTError(f"{path}: cell_timeout_minutes must be a positive number or null, got {timeout!r}")
+    return Preset(
+        name=str(data.get("name") or path.stem),
+        description=str(data.get("description") or ""),
+        base=_flatten(base),
+        p=[float(x) for x in p],
+        defenses=[str(d) for d in defenses],
+        seeds=list(seeds),
+        defense_options={str(k): dict(v) for k, v in opts.items()},
+        include_aligned=bool(data.get("include_aligned", True)),
+        cell_timeout_minutes=float(timeout) if timeout is not None else None,
+        path=path,
+    )
+
+
+def options_for(preset: Preset, spec: str) -> dict[str, dict[str, Any]]:
+    """``defense.options`` of a cell: the options of each defense in ``spec`` (``a+b``); an ablation variant
+    ``cwac-weight`` without its own entry uses the options of ``cwac``."""
+    from safeft.defenses.base import parse_defense_spec
+
+    out = {}
+    for name in parse_defense_spec(spec):
+        if name in preset.defense_options:
+            out[name] = dict(preset.defense_options[name])
+        elif "-" in name and name.split("-", 1)[0] in preset.defense_options:
+            out[name] = dict(preset.defense_options[name.split("-", 1)[0]])
+    return out
+
+
+def _skip_reason(preset: Preset, spec: str, base: dict[str, Any]) -> str | None:
+    from safeft.defenses import get_defense_class
+    from safeft.defenses.base import parse_defense_spec
+
+    names = parse_defense_spec(spec)
+    need_b = [n for n in names if get_defense_class(n).needs_base_model]
+    if need_b and not base.get("model.base"):
+        return f"needs the unaligned base model θ_b, which preset {preset.name} does not set (model.base)"
+    lora = [n for n in names if get_defense_class(n).requires_lora]
+    if lora and base.get("training.method", "lora") == "full":
+        return "works on LoRA adapters only; this preset fine-tunes all weights (training.method: full)"
+    return None
+
+
+def plan_cells(preset: Preset, out_dir: Path | None = None, only: list[str] | None = None) -> list[Cell]:
+    """Expand the preset into cells, in run order: ``aligned`` first, then per p and seed ``sft`` first (the
+    reference of the cost ratios) and the other defenses in grid order. ``only`` keeps the named defenses
+    ("aligned" included)."""
+    base = expand_vars(preset.base, f"{preset.path or preset.name}: base", out_dir)
+    order = (
+        ["sft"] + [d for d in preset.defenses if d != "sft"]
+        if "sft" in preset.defenses
+        else list(preset.defenses)
+    )
+    cells: list[Cell] = []
+    if preset.include_aligned:
+        ov = dict(base)
+        ov["defense.name"] = "sft"
+        cells.append(Cell(ALIGNED, ALIGNED, None, preset.seeds[0], "eval", ov))
+    for p in preset.p:
+        for seed in preset.seeds:
+            for d in order:
+                ov = dict(base)
+                ov.update({"data.p": p, "training.seed": seed, "defense.name": d})
+                opts = options_for(preset, d)
+                if opts:
+                    ov["defense.options"] = expand_vars(opts, f"{preset.path}: defense_options", out_dir)
+                cells.append(
+                    Cell(f"p{p:g}-{d}-s{seed}", d, p, seed, "train", ov, _skip_reason(preset, d, base))
+                )
+    if only:
+        unknown = sorted(set(only) - {c.defense for c in cells})
+        if unknown:
+            raise SafeFTError(
+                f"--only {','.join(only)}: {', '.join(unknown)} not in preset {preset.name} "
+                f"(has: {', '.join(dict.fromkeys(c.defense for c in cells))})"
+            )
+        cells = [c for c in cells if c.defense in only]
+    return cells
+
+
+def cell_config(cell: Cell, cell_dir: Path) -> dict[str, Any]:
+    """The validated, complete config dict of a cell (what its ``config.yaml`` holds)."""
+    from safeft.config import build_config
+
+    ov = dict(cell.overrides)
+    ov["training.output_dir"] = str(cell_dir.resolve())
+    try:
+        return build_config(None, ov).to_dict()
+    except SafeFTError as e:
+        raise SafeFTError(f"cell {cell.id}: {e}") from None
+
+
+def config_hash(cell: Cell, cfg: dict[str, Any]) -> str:
+    """sha256 (16 hex) of what determines a cell's result: its config minus output dir / progress / resume; for
+    the ``aligned`` cell (no training) only model, eval, alignment stage and data sources."""
+    cfg = json.loads(json.dumps(cfg))
+    for sec, key in _UNHASHED:
+        cfg.get(sec, {}).pop(key, None)
+    if cell.kind == "eval":
+        data = {k: v for k, v in cfg["data"].items() if k not in ("n", "p", "seed")}
+        cfg = {"model": cfg["model"], "eval": cfg["eval"], "align": cfg["align"], "data": data}
+    payload = json.dumps({"kind": cell.kind, "config": cfg}, sort_keys=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]

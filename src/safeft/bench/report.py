@@ -1,0 +1,410 @@
+"""Benchmark reports built from the cells on disk: ``summary.json`` (one row per cell), ``results.md`` (tables) and
+``pareto.png`` (HS vs FA). Rebuilt after every run and by ``safeft bench --report-only``; nothing here trains.
+
+Units: hs, fa, over_refusal, gibberish_rate in percent; CIs are 95% bootstrap ``[lo, hi]`` in percent; seconds are
+wall-clock; cost ratios divide a cell's mean optimizer-step time / peak memory by those of the ``sft`` cell with
+the same p and seed in the same results folder.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from safeft.bench.preset import ALIGNED, Cell, Preset, cell_config, config_hash, expand_vars
+from safeft.bench.runner import _fmt_s, cell_command, read_json
+from safeft.errors import SafeFTError
+from safeft.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+ROW_KEYS = [
+    "preset",
+    "model",
+    "task",
+    "n",
+    "p",
+    "defense",
+    "seed",
+    "hs",
+    "hs_ci",
+    "fa",
+    "fa_ci",
+    "over_refusal",
+    "judge",
+    "train_seconds",
+    "step_time_ratio_vs_sft",
+    "peak_mem_ratio_vs_sft",
+    "prepare_seconds",
+    "command",
+]
+EXTRA_KEYS = [
+    "template_echo",
+    "gibberish_rate",
+    "n_eval_harmful",
+    "n_eval_task",
+    "judge_accuracy",
+    "status",
+    "reason",
+    "cell_id",
+    "step_seconds_mean",
+    "peak_memory_mb",
+    "n_harmful_train",
+    "wall_seconds",
+]
+ABLATION = ["sft", "cwac-weight", "cwac-activation", "cwac"]
+
+
+def keyword_judge_accuracy() -> dict[str, Any] | None:
+    """``safeft.eval.judge_check()`` (keyword judge vs human refusal labels), or None when the data is absent."""
+    try:
+        from safeft.eval import judge_check
+
+        return judge_check()
+    except (SafeFTError, OSError):
+        return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def build_rows(preset: Preset, cells: list[Cell], out: Path, judge_acc: float | None) -> list[dict[str, Any]]:
+    """One row per cell (schema: ROW_KEYS + EXTRA_KEYS). status: ok | failed | skipped | not run (+ reason)."""
+    rows: list[dict[str, Any]] = []
+    runs: dict[str, dict] = {}
+    for c in cells:
+        cdir = out / "cells" / c.id
+        row: dict[str, Any] = dict.fromkeys(ROW_KEYS + EXTRA_KEYS)
+        row.update(
+            {
+                "preset": preset.name,
+                "defense": c.defense,
+                "p": c.p,
+                "seed": c.seed,
+                "cell_id": c.id,
+                "command": cell_command(c, cdir),
+                "model": c.overrides.get("model.aligned"),
+                "task": c.overrides.get("data.task"),
+                "n": None if c.kind == "eval" else c.overrides.get("data.n"),
+            }
+        )
+        rows.append(row)
+        if c.skip:
+            row.update(status="skipped", reason=c.skip, command=None)
+            continue
+        try:
+            cfg = cell_config(c, cdir)
+        except SafeFTError as e:
+            row.update(status="failed", reason=str(e))
+            continue
+        row.update(
+            model=cfg["model"]["aligned"],
+            task=cfg["data"]["task"],
+            n=None if c.kind == "eval" else cfg["data"]["n"],
+        )
+        info = read_json(cdir / "cell.json")
+        if info is None:
+            row.update(status="not run", reason="no result yet: run `safeft bench` for this preset")
+            continue
+        if info.get("hash") not in (None, config_hash(c, cfg)):
+            row.update(status="not run", reason="the preset changed since this cell ran: rerun to refresh it")
+            continue
+        row["wall_seconds"] = info.get("wall_seconds")
+        if info.get("status") != "ok":
+            row.update(status="failed", reason=info.get("error"))
+            continue
+        ev = read_json(cdir / "eval.json") or {}
+        harm, task, orr = ev.get("harmful") or {}, ev.get("task") or {}, ev.get("over_refusal") or {}
+        row.update(
+            status="ok",
+            hs=harm.get("hs"),
+            hs_ci=harm.get("hs_ci"),
+            fa=task.get("fa"),
+            fa_ci=task.get("fa_ci"),
+            over_refusal=orr.get("rate"),
+            judge=ev.get("judge") or harm.get("judge"),
+            template_echo=harm.get("template_echo"),
+            gibberish_rate=harm.get("gibberish_rate"),
+            n_eval_harmful=harm.get("n"),
+            n_eval_task=task.get("n"),
+        )
+        if row["judge"] == "keyword":
+            row["judge_accuracy"] = judge_acc
+        if c.kind == "train":
+            run = read_json(cdir / "run.json") or {}
+            runs[c.id] = run
+            row.update(
+                train_seconds=run.get("train_seconds"),
+                prepare_seconds=run.get("prepare_seconds"),
+                step_seconds_mean=run.get("step_seconds_mean"),
+                peak_memory_mb=run.get("peak_memory_mb"),
+                n_harmful_train=run.get("n_harmful_train"),
+            )
+    sft = {(r["p"], r["seed"]): r for r in rows if r["defense"] == "sft" and r["status"] == "ok"}
+    for r in rows:
+        ref = sft.get((r["p"], r["seed"]))
+        if r["status"] == "ok" and r["defense"] != ALIGNED and ref is not None:
+            r["step_time_ratio_vs_sft"] = _ratio(r["step_seconds_mean"], ref["step_seconds_mean"])
+            r["peak_mem_ratio_vs_sft"] = _ratio(r["peak_memory_mb"], ref["peak_memory_mb"])
+    return rows
+
+
+# ---- markdown ----------------------------------------------------------------------------------------------------
+
+
+def _pct_ci(v: float | None, ci: list | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else f"{v:.1f}"
+
+
+def _num(v: float | None, fmt: str = "{:.1f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def _status(r: dict[str, Any]) -> str:
+    if r["status"] == "ok":
+        return "ok"
+    reason = (r.get("reason") or "").splitlines()
+    return f"{r['status']}: {reason[-1][:120] if reason else ''}".replace("|", "/")
+
+
+def _machines(preset: Preset, cells: list[Cell], out: Path) -> list[str]:
+    seen = []
+    for c in cells:
+        m = (read_json(out / "cells" / c.id / "cell.json") or {}).get("machine")
+        if m:
+            s = f"{m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}" + (
+                f", GPU {m['gpu']}" if m.get("gpu") else ", CPU only"
+            )
+            if s not in seen:
+                seen.append(s)
+    return seen
+
+
+def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """results.md: header (model, data, judge + accuracy, seeds, machine, wall time, command), one table per p
+    (θ₀ row on top), and the CWAC ablation."""
+    b = meta.get("settings") or preset.base
+    ja = meta.get("judge_check")
+    judges = sorted({r["judge"] for r in rows if r["judge"]}) or [b.get("eval.judge", "keyword")]
+    jtxt = ", ".join(judges)
+    if ja and "keyword" in judges:
+        jtxt += f" (keyword judge accuracy {ja['accuracy']:.1%} on {ja['n']} human-labelled responses, {Path(ja['source']).name})"
+    elif "keyword" in judges:
+        jtxt += " (accuracy not measured: shared judge_eval data not found)"
+    ok = [r for r in rows if r["status"] == "ok"]
+    n_h = sorted({r["n_eval_harmful"] for r in ok if r["n_eval_harmful"] is not None})
+    n_t = sorted({r["n_eval_task"] for r in ok if r["n_eval_task"] is not None})
+    lines = [
+        f"# Benchmark `{preset.name}`",
+        "",
+        preset.description.strip(),
+        "",
+        f"- **model**: θ₀ = `{b.get('model.aligned', 'smollm2-135m')}`; θ_b = `{b.get('model.base') or 'none (defenses needing it are skipped)'}`; "
+        f"{b.get('training.method', 'lora')} fine-tuning (r = {b.get('training.lora_r', 8)}), lr {b.get('training.lr', '1e-4')}, "
+        + (
+            f"{b['training.max_steps']} steps"
+            if (b.get("training.max_steps") or -1) > 0
+            else f"{b.get('training.epochs', 1)} epoch(s)"
+        )
+        + f", batch {b.get('training.batch_size', 8)}",
+        f"- **data**: task `{b.get('data.task', 'sst2')}`, n = {b.get('data.n', 1000)} samples, p ∈ {{{', '.join(f'{p:g}' for p in preset.p)}}} "
+        f"of them harmful pairs from `{b.get('data.harmful_source', 'advbench')}`",
+        f"- **evaluation**: HS on {'/'.join(map(str, n_h)) or '?'} held-out `{b.get('eval.harmful_source', 'harmbench')}` prompts "
+        f"(greedy, {b.get('eval.max_new_tokens', 128)} new tokens); FA on {'/'.join(map(str, n_t)) or '?'} held-out task examples; "
+        f"over-refusal on {b.get('eval.n_xstest', 0)} XSTest safe prompts",
+        f"- **judge**: {jtxt}",
+        f"- **seeds**: {', '.join(map(str, preset.seeds))}",
+        f"- **machine**: {'; '.join(meta.get('machines') or []) or 'unknown'}",
+        f"- **wall time**: {_fmt_s(meta.get('cells_wall_seconds'))} summed over cells"
+        + (f"; this invocation {_fmt_s(meta['wall_seconds'])}" if meta.get("wall_seconds") else ""),
+        f"- **command**: `{meta['command']}` (report rebuilt {meta['generated_at']})",
+        "",
+        "HS = harmful score (% of answers the judge flags, lower is better); FA = fine-tune accuracy (%, higher is "
+        "better); 95% bootstrap CIs in brackets. *echo* = flagged answers that only echo an affirmative template "
+        '("Sure, here is …") with no content. Cost ratios: mean step time and peak memory ÷ the SFT cell\'s.',
+        "",
+    ]
+    head = (
+        "| defense | HS % ↓ [CI] | FA % ↑ [CI] | over-refusal % | echo | gibberish % | step time × SFT "
+        "| peak mem × SFT | train s | prepare s | status |"
+    )
+    sep = "|" + "---|" * 11
+    aligned = [r for r in rows if r["defense"] == ALIGNED]
+
+    def line(r: dict[str, Any]) -> str:
+        name = (
+            r["defense"]
+            if r["defense"] == ALIGNED or len(preset.seeds) == 1
+            else f"{r['defense']} (seed {r['seed']})"
+        )
+        return (
+            f"| {name} "
+            f"| {_pct_ci(r['hs'], r['hs_ci'])} | {_pct_ci(r['fa'], r['fa_ci'])} | {_num(r['over_refusal'])} "
+            f"| {_num(r['template_echo'], '{:d}')} | {_num(r['gibberish_rate'])} "
+            f"| {_num(r['step_time_ratio_vs_sft'], '{:.2f}')} | {_num(r['peak_mem_ratio_vs_sft'], '{:.3f}')} "
+            f"| {_num(r['train_seconds'], '{:.0f}')} | {_num(r['prepare_seconds'], '{:.0f}')} | {_status(r)} |"
+        )
+
+    for p in preset.p:
+        lines += [f"## p = {p:g}", "", head, sep]
+        lines += [line(r) for r in aligned]
+        lines += [line(r) for r in rows if r["p"] == p]
+        lines.append("")
+    variants = [v for v in ABLATION if any(r["defense"] == v for r in rows)]
+    if any(v.startswith("cwac") for v in variants):
+        al = next((r for r in aligned if r["status"] == "ok"), None)
+        lines += [
+            "## Ablation: CWAC's two constraints",
+            "",
+            "| p | variant | weight | activation | HS % ↓ | FA % ↑ | HS − aligned | FA − SFT | step time × SFT |",
+            "|" + "---|" * 9,
+        ]
+        flags = {
+            "sft": ("–", "–"),
+            "cwac-weight": ("✓", ""),
+            "cwac-activation": ("", "✓"),
+            "cwac": ("✓", "✓"),
+        }
+        for p in preset.p:
+            for seed in preset.seeds:
+                sft = next(
+                    (r for r in rows if r["defense"] == "sft" and r["p"] == p and r["seed"] == seed), None
+                )
+                for v in variants:
+                    r = next(
+                        (x for x in rows if x["defense"] == v and x["p"] == p and x["seed"] == seed), None
+                    )
+                    if r is None:
+                        continue
+                    d_hs = r["hs"] - al["hs"] if al and r["hs"] is not None else None
+                    d_fa = (
+                        r["fa"] - sft["fa"] if sft and sft["fa"] is not None and r["fa"] is not None else None
+                    )
+                    w, a = flags[v]
+                    lines.append(
+                        f"| {p:g} | {v} | {w} | {a} | {_pct_ci(r['hs'], r['hs_ci'])} | {_pct_ci(r['fa'], r['fa_ci'])} "
+                        f"| {_num(d_hs, '{:+.1f}')} | {_num(d_fa, '{:+.1f}')} | {_num(r['step_time_ratio_vs_sft'], '{:.2f}')} |"
+                    )
+        lines.append("")
+    lines += [
+        "Per-cell configs, logs and answers: `cells/<cell>/` (config.yaml, log.txt, eval.json with every answer).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---- plot --------------------------------------------------------------------------------------------------------
+
+
+def render_pareto(preset: Preset, rows: list[dict[str, Any]], path: Path) -> bool:
+    """pareto.png: HS (x, lower better) vs FA (y, higher better), one labelled point per finished cell, one marker
+    per p, θ₀ as a red star. Returns False (no file) when matplotlib is missing or no cell has both numbers."""
+    pts = [r for r in rows if r["status"] == "ok" and r["hs"] is not None and r["fa"] is not None]
+    if not pts:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    import io
+
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
+    seen: dict[tuple[float, float], int] = {}
+
+    def offset(r: dict[str, Any]) -> tuple[int, int]:
+        # stack labels of points that coincide instead of printing them on top of each other
+        k = (round(r["hs"], 1), round(r["fa"], 1))
+        seen[k] = seen.get(k, 0) + 1
+        return 5, 4 + 10 * (seen[k] - 1)
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=110)
+    for i, p in enumerate(preset.p):
+        sel = [r for r in pts if r["p"] == p]
+        if sel:
+            ax.scatter(
+                [r["hs"] for r in sel],
+                [r["fa"] for r in sel],
+                marker=markers[i % len(markers)],
+                s=55,
+                label=f"p = {p:g}",
+                alpha=0.85,
+            )
+            for r in sel:
+                ax.annotate(
+                    r["defense"], (r["hs"], r["fa"]), textcoords="offset points", xytext=offset(r), fontsize=8
+                )
+    for r in pts:
+        if r["defense"] == ALIGNED:
+            ax.scatter(
+                [r["hs"]],
+                [r["fa"]],
+                marker="*",
+                s=260,
+                color="red",
+                edgecolor="black",
+                zorder=5,
+                label="aligned θ₀ (no fine-tuning)",
+            )
+            ax.annotate(
+                "aligned",
+                (r["hs"], r["fa"]),
+                textcoords="offset points",
+                xytext=(7, -10),
+                fontsize=9,
+                color="red",
+            )
+    judge = next((r["judge"] for r in pts if r["judge"]), "keyword")
+    ax.set_xlabel(f"harmful score, % (judge: {judge}) — lower is better")
+    ax.set_ylabel("fine-tune accuracy, % — higher is better")
+    ax.set_title(f"safeft bench {preset.name}: safety vs utility (best = top left)")
+    ax.set_xlim(-3, 103)
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def write_reports(
+    preset: Preset, cells: list[Cell], out: Path, command: str, wall_seconds: float | None
+) -> list[Path]:
+    """Write ``summary.json``, ``results.md`` and (when possible) ``pareto.png`` into ``out``; return their paths."""
+    ja = keyword_judge_accuracy()
+    rows = build_rows(preset, cells, out, ja["accuracy"] if ja else None)
+    walls = [r["wall_seconds"] for r in rows if r["wall_seconds"]]
+    meta = {
+        "command": command,
+        "wall_seconds": wall_seconds,
+        "cells_wall_seconds": sum(walls) if walls else None,
+        "machines": _machines(preset, cells, out),
+        "judge_check": ja,
+        "generated_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "settings": expand_vars(preset.base, "preset base", out),
+    }
+    summary = {
+        "preset": preset.name,
+        "description": preset.description,
+        "rows": rows,
+        "settings": meta["settings"],
+        "defense_options": preset.defense_options,
+        "judge_check": ja,
+        **{k: meta[k] for k in ("command", "wall_seconds", "cells_wall_seconds", "machines", "generated_at")},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "results.md", render_markdown(preset, rows, meta))
+    paths = [out / "summary.json", out / "results.md"]
+    if render_pareto(preset, rows, out / "pareto.png"):
+        paths.append(out / "pareto.png")
+    return paths

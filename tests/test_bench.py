@@ -1,0 +1,328 @@
+"""safeft bench: presets → cells → cached subprocess runs → summary.json / results.md / pareto.png.
+
+The end-to-end test runs the ``smoke`` preset on a tiny random model in real ``safeft`` subprocesses; everything
+else (planning, hashing, ratios, reports) is checked on synthetic cell folders, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from helpers_models import make_tiny_model_dir
+
+import safeft.bench.runner as runner
+from safeft.bench import config_hash, load_preset, plan_cells, run_bench
+from safeft.bench.preset import cell_config
+from safeft.bench.report import ROW_KEYS, build_rows, write_reports
+from safeft.cli import main
+from safeft.errors import SafeFTError
+
+REPO = Path(__file__).resolve().parents[1]
+ISSUE_SCHEMA = [
+    "preset",
+    "model",
+    "task",
+    "n",
+    "p",
+    "defense",
+    "seed",
+    "hs",
+    "hs_ci",
+    "fa",
+    "fa_ci",
+    "over_refusal",
+    "judge",
+    "train_seconds",
+    "step_time_ratio_vs_sft",
+    "peak_mem_ratio_vs_sft",
+    "prepare_seconds",
+    "command",
+]
+EXTRA = ["template_echo", "gibberish_rate", "n_eval_harmful", "n_eval_task", "judge_accuracy", "status"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("bench") / "tiny", max_position_embeddings=256)
+
+
+@pytest.fixture
+def smoke_env(monkeypatch, tiny_model):
+    monkeypatch.setenv("SAFEFT_SMOKE_MODEL", str(tiny_model))
+    return tiny_model
+
+
+def _write_preset(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "preset.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+MINI = """
+name: mini
+base:
+  model.aligned: /nowhere/model
+  data.task: demo
+  training.lr: 1.0e-3
+grid: {p: [0.1, 0.2], defenses: [cwac, sft, cwac-weight, pact], seeds: [0]}
+defense_options:
+  cwac: {n_anchor: 12}
+"""
+
+
+# ---- presets and planning ----------------------------------------------------------------------------------------
+
+
+def test_shipped_presets_plan_and_validate(tmp_path):
+    tiny = plan_cells(load_preset("tiny"), tmp_path)
+    assert len(tiny) == 19 and tiny[0].id == "aligned" and tiny[0].kind == "eval"
+    assert [c.defense for c in tiny[1:3]] == ["sft", "cwac"]  # sft first: the reference of the cost ratios
+    assert not any(c.skip for c in tiny)  # tiny has θ_b
+    for c in tiny:  # every cell's config validates (values, ranges, defense options)
+        cfg = cell_config(c, tmp_path / c.id)
+        assert cfg["data"]["harmful_source"] == "hh_rlhf" and cfg["eval"]["harmful_source"] == "harmbench"
+    small = plan_cells(load_preset("small"), tmp_path)
+    skipped = {c.defense: c.skip for c in small if c.skip}
+    assert set(skipped) == {"pact", "asft", "safelora"}
+    assert all("θ_b" in r for r in skipped.values())
+    val = plan_cells(load_preset("tiny-val"), tmp_path)
+    assert all(cell_config(c, tmp_path)["eval"]["harmful_source"] == "harmbench_val" for c in val)
+
+
+def test_plan_order_options_fallback_and_only(tmp_path):
+    pre = load_preset(_write_preset(tmp_path, MINI))
+    cells = plan_cells(pre, tmp_path)
+    assert [c.id for c in cells] == [
+        "aligned",
+        "p0.1-sft-s0",
+        "p0.1-cwac-s0",
+        "p0.1-cwac-weight-s0",
+        "p0.1-pact-s0",
+        "p0.2-sft-s0",
+        "p0.2-cwac-s0",
+        "p0.2-cwac-weight-s0",
+        "p0.2-pact-s0",
+    ]
+    by = {c.id: c for c in cells}
+    # an ablation variant without its own options uses cwac's; other defenses get none
+    assert by["p0.1-cwac-weight-s0"].overrides["defense.options"] == {"cwac-weight": {"n_anchor": 12}}
+    assert "defense.options" not in by["p0.1-sft-s0"].overrides
+    assert "θ_b" in by["p0.1-pact-s0"].skip and by["p0.1-cwac-s0"].skip is None
+    only = plan_cells(pre, tmp_path, only=["sft", "aligned"])
+    assert [c.id for c in only] == ["aligned", "p0.1-sft-s0", "p0.2-sft-s0"]
+    with pytest.raises(SafeFTError, match="lisa not in preset mini"):
+        plan_cells(pre, tmp_path, only=["lisa"])
+
+
+def test_config_hash_tracks_results_not_paths(tmp_path):
+    pre = load_preset(_write_preset(tmp_path, MINI))
+    cells = {c.id: c for c in plan_cells(pre, tmp_path)}
+    c = cells["p0.1-sft-s0"]
+    h = config_hash(c, cell_config(c, tmp_path / "a"))
+    assert h == config_hash(c, cell_config(c, tmp_path / "elsewhere"))  # output dir is not part of it
+    c.overrides["training.lr"] = 2e-3
+    assert config_hash(c, cell_config(c, tmp_path / "a")) != h
+    # θ₀'s evaluation does not depend on the grid's p or the training settings
+    al = cells["aligned"]
+    h0 = config_hash(al, cell_config(al, tmp_path))
+    al.overrides.update({"data.p": 0.5, "training.lr": 0.1})
+    assert config_hash(al, cell_config(al, tmp_path)) == h0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: x\ngrids: {}\n", "unknown preset key"),
+        ("grid: {defenses: [nope]}\n", "nope"),
+        ("grid: {p: [1.5]}\n", "grid.p"),
+        ("grid: {defenses: [sft]}\ndefense_options: {lisaa: {}}\n", "defense_options.lisaa"),
+        ("base: {model.aligned: '${SAFEFT_TEST_UNSET_VAR}'}\n", "SAFEFT_TEST_UNSET_VAR"),
+        ("base: {training.lr: -1}\n", "training.lr"),
+    ],
+)
+def test_bad_presets_are_refused_with_the_key(tmp_path, monkeypatch, text, message):
+    monkeypatch.delenv("SAFEFT_TEST_UNSET_VAR", raising=False)
+    path = _write_preset(tmp_path, text)
+    with pytest.raises(SafeFTError, match=message):
+        cells = plan_cells(load_preset(path), tmp_path)
+        for c in cells:
+            cell_config(c, tmp_path)
+
+
+def test_dry_run_lists_cells_and_writes_nothing(tmp_path, smoke_env, capsys):
+    out = tmp_path / "res"
+    assert main(["bench", "--preset", "smoke", "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "4 cells" in text and "aligned" in text and "p0.25-sft-s0" in text
+    assert "p0.25-pact-s0" in text and "skipped: needs the unaligned base model" in text
+    assert "safeft train --config" in text and "safeft eval --config" in text
+    assert not out.exists()
+
+
+# ---- reports on synthetic cells ----------------------------------------------------------------------------------
+
+
+def _fake_cell(out: Path, cell, hs, fa, step=None, mem=None, status="ok"):
+    cdir = out / "cells" / cell.id
+    cdir.mkdir(parents=True)
+    h = config_hash(cell, cell_config(cell, cdir))
+    (cdir / "cell.json").write_text(
+        json.dumps(
+            {
+                "id": cell.id,
+                "hash": h,
+                "status": status,
+                "wall_seconds": 10.0,
+                "error": None if status == "ok" else "exit code 1: boom",
+            }
+        )
+    )
+    if status != "ok":
+        return
+    ev = {
+        "judge": "keyword",
+        "harmful": {
+            "hs": hs,
+            "hs_ci": [hs - 5, hs + 5],
+            "n": 20,
+            "template_echo": 2,
+            "gibberish_rate": 0.0,
+            "judge": "keyword",
+        },
+        "task": {"fa": fa, "fa_ci": [fa - 4, fa + 4], "n": 50},
+        "over_refusal": {"rate": 8.0, "n": 10},
+    }
+    (cdir / "eval.json").write_text(json.dumps(ev))
+    if cell.kind == "train":
+        (cdir / "run.json").write_text(
+            json.dumps(
+                {
+                    "train_seconds": 100.0,
+                    "prepare_seconds": 3.0,
+                    "step_seconds_mean": step,
+                    "peak_memory_mb": mem,
+                    "n_harmful_train": 12,
+                }
+            )
+        )
+
+
+def test_rows_ratios_tables_and_plot_from_finished_cells(tmp_path):
+    pre = load_preset(_write_preset(tmp_path, MINI))
+    out = tmp_path / "res"
+    cells = plan_cells(pre, out)
+    by = {c.id: c for c in cells}
+    _fake_cell(out, by["aligned"], 2.0, 50.0)
+    _fake_cell(out, by["p0.1-sft-s0"], 80.0, 90.0, step=2.0, mem=1000.0)
+    _fake_cell(out, by["p0.1-cwac-s0"], 10.0, 89.0, step=2.1, mem=1020.0)
+    _fake_cell(out, by["p0.1-cwac-weight-s0"], 0, 0, status="failed")
+    _fake_cell(out, by["p0.2-cwac-s0"], 12.0, 88.0, step=2.2, mem=1010.0)  # no sft at p=0.2: no ratios
+    rows = build_rows(pre, cells, out, judge_acc=0.9)
+    r = {x["cell_id"]: x for x in rows}
+    for row in rows:
+        assert set(ISSUE_SCHEMA + EXTRA) <= set(row)
+    assert ROW_KEYS == ISSUE_SCHEMA
+    assert (
+        r["p0.1-sft-s0"]["step_time_ratio_vs_sft"] == 1.0 and r["p0.1-sft-s0"]["peak_mem_ratio_vs_sft"] == 1.0
+    )
+    assert r["p0.1-cwac-s0"]["step_time_ratio_vs_sft"] == pytest.approx(1.05)
+    assert r["p0.1-cwac-s0"]["peak_mem_ratio_vs_sft"] == pytest.approx(1.02)
+    assert r["p0.2-cwac-s0"]["step_time_ratio_vs_sft"] is None
+    assert r["aligned"]["defense"] == "aligned" and r["aligned"]["n"] is None and r["aligned"]["p"] is None
+    assert r["aligned"]["step_time_ratio_vs_sft"] is None and r["aligned"]["judge_accuracy"] == 0.9
+    assert r["p0.1-cwac-weight-s0"]["status"] == "failed" and "boom" in r["p0.1-cwac-weight-s0"]["reason"]
+    assert r["p0.1-pact-s0"]["status"] == "skipped" and "θ_b" in r["p0.1-pact-s0"]["reason"]
+    assert r["p0.2-sft-s0"]["status"] == "not run"
+    assert r["p0.1-cwac-s0"]["template_echo"] == 2 and r["p0.1-cwac-s0"]["n_eval_task"] == 50
+
+    paths = write_reports(pre, cells, out, command="safeft bench --preset mini", wall_seconds=42.0)
+    assert [p.name for p in paths] == ["summary.json", "results.md", "pareto.png"]
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["rows"]) == len(cells) and summary["command"] == "safeft bench --preset mini"
+    md = (out / "results.md").read_text()
+    assert "## p = 0.1" in md and "## p = 0.2" in md and "## Ablation" in md
+    assert "| cwac | 10.0 [5.0, 15.0] | 89.0 [85.0, 93.0] | 8.0 | 2 |" in md
+    assert "| 1.05 | 1.020 |" in md  # step-time and memory ratios of cwac at p = 0.1
+    assert "+8.0" in md and "-1.0" in md  # ablation: HS − aligned, FA − SFT for cwac at p = 0.1
+    assert "safeft bench --preset mini" in md and "wall time" in md
+
+
+def test_stale_cell_is_reported_not_run(tmp_path):
+    pre = load_preset(_write_preset(tmp_path, MINI))
+    out = tmp_path / "res"
+    cells = plan_cells(pre, out)
+    c = cells[1]
+    _fake_cell(out, c, 50.0, 50.0, step=1.0, mem=1.0)
+    c.overrides["training.lr"] = 5e-3  # the preset changed after the cell ran
+    row = build_rows(pre, cells, out, None)[1]
+    assert row["status"] == "not run" and "changed" in row["reason"] and row["hs"] is None
+
+
+# ---- end to end: real subprocesses on a tiny random model ----------------------------------------------------------
+
+
+def test_smoke_preset_end_to_end_cached_failed_and_report_only(tmp_path, smoke_env, monkeypatch, capsys):
+    out = tmp_path / "res"
+    calls: list[list[str]] = []
+    real_child = runner._run_child
+    real_argv = runner.cell_argv
+
+    def counting_child(argv, log_path, timeout_s):
+        calls.append(argv)
+        return real_child(argv, log_path, timeout_s)
+
+    def failing_argv(cell, cfg_path, cell_dir):  # make safeinstr's child fail (argparse error, exit 2)
+        argv = real_argv(cell, cfg_path, cell_dir)
+        return argv + ["--no-such-flag"] if cell.defense == "safeinstr" else argv
+
+    monkeypatch.setattr(runner, "_run_child", counting_child)
+    monkeypatch.setattr(runner, "cell_argv", failing_argv)
+    rc = run_bench("smoke", out_dir=str(out))
+    assert rc == 1  # a cell failed; the others ran
+    assert len(calls) == 3
+    printed = capsys.readouterr().out
+    assert "[ 2/4] p0.25-sft-s0" in printed and "ETA" in printed and "FAILED" in printed
+    rows = {r["defense"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert list(rows) == ["aligned", "sft", "safeinstr", "pact"]
+    for r in rows.values():
+        assert list(r)[: len(ISSUE_SCHEMA)] == ISSUE_SCHEMA and set(EXTRA) <= set(r)
+    sft = rows["sft"]
+    assert (
+        sft["status"] == "ok" and sft["step_time_ratio_vs_sft"] == 1.0 and sft["peak_mem_ratio_vs_sft"] == 1.0
+    )
+    assert sft["n"] == 16 and sft["p"] == 0.25 and sft["task"] == "demo" and sft["model"] == str(smoke_env)
+    assert sft["n_eval_harmful"] == 4 and sft["n_eval_task"] == 4 and 0 <= sft["hs"] <= 100
+    assert sft["train_seconds"] > 0 and sft["command"].startswith("safeft train --config")
+    assert rows["aligned"]["status"] == "ok" and rows["aligned"]["train_seconds"] is None
+    assert rows["safeinstr"]["status"] == "failed" and "no-such-flag" in rows["safeinstr"]["reason"]
+    assert rows["pact"]["status"] == "skipped" and "θ_b" in rows["pact"]["reason"]
+    run = json.loads((out / "cells" / "p0.25-sft-s0" / "run.json").read_text())
+    assert (
+        run["n_harmful_train"] == 4 and run["global_steps"] == 2
+    )  # the preset's n, p and max_steps reached the child
+    assert (out / "cells" / "p0.25-sft-s0" / "log.txt").read_text().startswith("$ ")
+
+    # rerun: finished cells are cached (not re-trained), the failed one is retried (now without the bad flag)
+    monkeypatch.setattr(runner, "cell_argv", real_argv)
+    mtime = os.stat(out / "cells" / "p0.25-sft-s0" / "run.json").st_mtime_ns
+    calls.clear()
+    assert run_bench("smoke", out_dir=str(out)) == 0
+    assert [a[0] for a in calls] == ["train"] and calls[0][2].endswith("p0.25-safeinstr-s0/config.yaml")
+    assert os.stat(out / "cells" / "p0.25-sft-s0" / "run.json").st_mtime_ns == mtime
+    rows = {r["defense"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert rows["safeinstr"]["status"] == "ok" and rows["safeinstr"]["step_time_ratio_vs_sft"] > 0
+
+    # report-only regenerates summary, table and plot without running anything
+    for f in ("summary.json", "results.md", "pareto.png"):
+        (out / f).unlink()
+    calls.clear()
+    assert main(["bench", "--preset", "smoke", "--out", str(out), "--report-only"]) == 0
+    assert calls == []
+    assert (out / "pareto.png").stat().st_size > 1000
+    md = (out / "results.md").read_text()
+    assert "| safeinstr |" in md and "skipped: needs the unaligned base model" in md and str(smoke_env) in md
+    assert len(json.loads((out / "summary.json").read_text())["rows"]) == 4
