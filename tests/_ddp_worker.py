@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers_models import make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer  # noqa: E402
+
 from safeft.defenses.base import Defense, unwrap_model  # noqa: E402
 
 N_EXAMPLES = 16
@@ -65,15 +66,34 @@ class ProjectA(Defense):
 def build_defenses(kind: str, tok, work: Path, model) -> list:
     from safeft.defenses import DefenseContext
 
-    ctx = DefenseContext(tokenizer=tok, template="chat", fingerprint="d" * 64, artifacts_dir=work / "art",
-                         anchor_pool=list(HARMFUL), harmless_pool=list(HARMLESS), eval_prompts=["held out"],
-                         use_lora=True, max_length=64, seed=0)
+    ctx = DefenseContext(
+        tokenizer=tok,
+        template="chat",
+        fingerprint="d" * 64,
+        artifacts_dir=work / "art",
+        anchor_pool=list(HARMFUL),
+        harmless_pool=list(HARMLESS),
+        eval_prompts=["held out"],
+        use_lora=True,
+        max_length=64,
+        seed=0,
+    )
     out = []
     if kind == "cwac":
         from safeft.defenses.cwac import CWAC, CWACConfig
 
-        d = CWAC(CWACConfig(sae_steps=20, sae_width_factor=2, sae_k=32, n_features=4, n_positions=2, anchor_batch=2,
-                            causal_check=False, lam=0.5))
+        d = CWAC(
+            CWACConfig(
+                sae_steps=20,
+                sae_width_factor=2,
+                sae_k=32,
+                n_features=4,
+                n_positions=2,
+                anchor_batch=2,
+                causal_check=False,
+                lam=0.5,
+            )
+        )
         d.log = lambda *_a: None
         d.answer_fn = lambda _m, _t, prompts, _tpl, _n: ["i cannot help with that request"] * len(prompts)
     else:
@@ -121,14 +141,33 @@ def train(out: Path, batch: int, steps: int, defense: str) -> dict[str, torch.Te
     exs = [Example(WORDS[i % 3] + f" {i}", "positive" if i % 2 else "negative") for i in range(N_EXAMPLES)]
     rows = [tokenize_example(tok, e, max_length=64) for e in exs]
     args = TrainingArguments(
-        output_dir=str(work / "trainer"), per_device_train_batch_size=batch, learning_rate=1e-2, max_steps=steps,
-        logging_steps=1, save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True,
-        disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0, ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        output_dir=str(work / "trainer"),
+        per_device_train_batch_size=batch,
+        learning_rate=1e-2,
+        max_steps=steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
-    tr = SafeTrainer(model=model, args=args, train_dataset=rows, data_collator=CompletionCollator(tok),
-                     processing_class=tok, defenses=defenses)
+    tr = SafeTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=CompletionCollator(tok),
+        processing_class=tok,
+        defenses=defenses,
+    )
     tr.train()
-    return {n: p.detach().float().cpu().contiguous() for n, p in tr.model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().float().cpu().contiguous() for n, p in tr.model.named_parameters() if p.requires_grad
+    }
 
 
 def main() -> int:

@@ -2,9 +2,41 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Every test runs offline: connecting anywhere but loopback raises; AF_UNIX and 127.0.0.1 stay allowed
+    (the DDP tests rendezvous on loopback)."""
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def _allowed(sock, address) -> bool:
+        if sock.family == socket.AF_UNIX:
+            return True
+        try:
+            return ipaddress.ip_address(address[0]).is_loopback
+        except (TypeError, ValueError, IndexError):
+            return isinstance(address, tuple) and address[0] == "localhost"
+
+    def connect(self, address):
+        if not _allowed(self, address):
+            raise OSError(f"network access is blocked in tests (connect to {address!r})")
+        return real_connect(self, address)
+
+    def connect_ex(self, address):
+        if not _allowed(self, address):
+            raise OSError(f"network access is blocked in tests (connect to {address!r})")
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

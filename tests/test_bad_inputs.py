@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_models import make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers_models import make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer
 from safeft.cli import main
 from safeft.errors import SafeFTError
 
@@ -32,9 +32,31 @@ def work(tmp_path_factory):
 
 
 def _base(model_dir, work) -> list[str]:
-    return ["train", "--model", str(model_dir), "--task", "demo", "--harmful-source", "demo", "--eval-source",
-            "demo", "--n", "8", "--p", "0.25", "--max-steps", "1", "--batch-size", "4", "--output-dir",
-            str(work / "run"), "--set", f"model.cache_dir={work / 'cache'}", "--set", "training.progress=false"]
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--task",
+        "demo",
+        "--harmful-source",
+        "demo",
+        "--eval-source",
+        "demo",
+        "--n",
+        "8",
+        "--p",
+        "0.25",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--output-dir",
+        str(work / "run"),
+        "--set",
+        f"model.cache_dir={work / 'cache'}",
+        "--set",
+        "training.progress=false",
+    ]
 
 
 def _one_line_error(capsys, argv: list[str]) -> str:
@@ -94,8 +116,10 @@ def test_bad_flag(capsys, model_dir, work, extra, needle):
 
 
 def test_lora_only_defense_with_full_finetuning(capsys, model_dir, work):
-    err = _one_line_error(capsys, _base(model_dir, work) + ["--defense", "asft", "--base-model", str(model_dir),
-                                                           "--method", "full"])
+    err = _one_line_error(
+        capsys,
+        _base(model_dir, work) + ["--defense", "asft", "--base-model", str(model_dir), "--method", "full"],
+    )
     assert "asft" in err and "LoRA" in err
 
 
@@ -112,8 +136,11 @@ CONFIG_CASES = [
     ("list.yaml", "- model\n- data\n", r"list\.yaml: the top level must be a mapping"),
     ("section_scalar.yaml", "training: 5\n", r"config key training: expected a mapping"),
     ("latin1.yaml", "training:\n  output_dir: caf\xe9\n".encode("latin-1"), r"latin1\.yaml: not valid UTF-8"),
-    ("options.yaml", "defense:\n  name: lisa\n  options:\n    lisa:\n      align_steps: 0\n",
-     r"defense\.lisa\.align_steps"),
+    (
+        "options.yaml",
+        "defense:\n  name: lisa\n  options:\n    lisa:\n      align_steps: 0\n",
+        r"defense\.lisa\.align_steps",
+    ),
 ]
 
 
@@ -137,8 +164,11 @@ SST2_OK = '{"sentence": "the movie was great", "label": 1}\n'
 
 DATA_CASES = [
     ("bad_line.jsonl", SST2_OK + '{"sentence": "oops", "label": \n', r"bad_line\.jsonl:2: malformed JSON"),
-    ("latin1.jsonl", SST2_OK.encode() + '{"sentence": "caf\xe9", "label": 1}\n'.encode("latin-1"),
-     r"latin1\.jsonl:2: not valid UTF-8"),
+    (
+        "latin1.jsonl",
+        SST2_OK.encode() + '{"sentence": "caf\xe9", "label": 1}\n'.encode("latin-1"),
+        r"latin1\.jsonl:2: not valid UTF-8",
+    ),
     ("nan.jsonl", SST2_OK + '{"sentence": "x", "label": NaN}\n', r"nan\.jsonl:2"),
     ("array.jsonl", SST2_OK + "[1, 2]\n", r"array\.jsonl:2: expected a JSON object"),
     ("columns.jsonl", '{"review": "the movie was great", "label": 1}\n', r"columns\.jsonl.*row 1.*sentence"),
@@ -160,8 +190,10 @@ def test_bad_task_file(capsys, model_dir, work, name, text, pattern):
 
 
 def test_missing_task_file(capsys, model_dir, work):
-    err = _one_line_error(capsys, _base(model_dir, work) + ["--task", "sst2", "--task-path",
-                                                           str(work / "absent.jsonl"), "--p", "0"])
+    err = _one_line_error(
+        capsys,
+        _base(model_dir, work) + ["--task", "sst2", "--task-path", str(work / "absent.jsonl"), "--p", "0"],
+    )
     assert "absent.jsonl" in err
 
 
@@ -231,22 +263,35 @@ def test_unknown_module_names_in_setup_trainable():
 
 
 def test_asft_with_theta_b_equal_theta0(capsys, model_dir, work):
-    err = _one_line_error(capsys, _base(model_dir, work) + ["--defense", "asft", "--base-model", str(model_dir)])
+    err = _one_line_error(
+        capsys, _base(model_dir, work) + ["--defense", "asft", "--base-model", str(model_dir)]
+    )
     assert "θ_b equals θ₀" in err and str(model_dir) in err, err
 
 
 def test_cwac_constraining_modules_never_trained(capsys, model_dir, work):
     pytest.importorskip("safeft.defenses.cwac")
-    err = _one_line_error(capsys, _base(model_dir, work) + [
-        "--defense", "cwac-weight", "--set", "training.lora_targets=[q_proj]",
-        "--set", "defense.options.cwac-weight.target_modules=[down_proj]"])
+    err = _one_line_error(
+        capsys,
+        _base(model_dir, work)
+        + [
+            "--defense",
+            "cwac-weight",
+            "--set",
+            "training.lora_targets=[q_proj]",
+            "--set",
+            "defense.options.cwac-weight.target_modules=[down_proj]",
+        ],
+    )
     assert "never trained" in err and "down_proj" in err, err
 
 
 def test_unknown_defense_option_names_allowed_keys():
     from safeft.defenses import build_defenses
 
-    with pytest.raises(SafeFTError, match=r"defense\.asft: unknown key\(s\) \['lambda'\]; allowed: \['lam'\]"):
+    with pytest.raises(
+        SafeFTError, match=r"defense\.asft: unknown key\(s\) \['lambda'\]; allowed: \['lam'\]"
+    ):
         build_defenses("asft", {"asft": {"lambda": 1.0}})
 
 
@@ -275,7 +320,9 @@ def test_artifact_of_another_model(store):
     from safeft.artifacts import ArtifactStore
 
     other = ArtifactStore(store.root, "b" * 64)
-    with pytest.raises(SafeFTError, match=r"belongs to another model \(fingerprint aaaaaaaaaaaa, this model bbbb"):
+    with pytest.raises(
+        SafeFTError, match=r"belongs to another model \(fingerprint aaaaaaaaaaaa, this model bbbb"
+    ):
         other.load("sub")
     assert not other.exists("sub")
 
@@ -326,9 +373,11 @@ def test_tokenize_example_without_template_direct():
 _FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 _text_bytes = st.one_of(
     st.binary(max_size=300),
-    st.text(alphabet=string.printable + "é€\u2028\x00{}[]\":,", max_size=300).map(lambda s: s.encode("utf-8")),
-    st.lists(st.sampled_from(['{"a": 1}', '{"a": NaN}', "[1]", '{"a": 1e999}', "{", '"x"', "", "a,b", '"q']),
-             max_size=6).map(lambda xs: "\n".join(xs).encode()),
+    st.text(alphabet=string.printable + 'é€\u2028\x00{}[]":,', max_size=300).map(lambda s: s.encode("utf-8")),
+    st.lists(
+        st.sampled_from(['{"a": 1}', '{"a": NaN}', "[1]", '{"a": 1e999}', "{", '"x"', "", "a,b", '"q']),
+        max_size=6,
+    ).map(lambda xs: "\n".join(xs).encode()),
 )
 
 
@@ -348,8 +397,14 @@ def test_fuzz_readers_raise_only_safefterror(tmp_path, data, suffix):
             assert isinstance(rows, list) and all(isinstance(r, dict) for r in rows)
 
 
-_yaml_scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                         st.text(max_size=12), st.lists(st.integers(-3, 3), max_size=3))
+_yaml_scalar = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.lists(st.integers(-3, 3), max_size=3),
+)
 _keys = {
     "model": ["aligned", "base", "dtype", "trust_remote_code", "cache_dir"],
     "data": ["task", "n", "p", "harmful_source", "template", "max_length", "seed"],
@@ -359,12 +414,22 @@ _keys = {
     "align": ["steps", "lr"],
 }
 _section = st.sampled_from(sorted(_keys)).flatmap(
-    lambda s: st.tuples(st.just(s), st.dictionaries(st.sampled_from(_keys[s] + ["bogus"]), _yaml_scalar,
-                                                    max_size=3)))
-_options = st.dictionaries(st.sampled_from(["lisa", "asft", "cwac", "safelora", "nope"]),
-                           st.one_of(_yaml_scalar, st.dictionaries(
-                               st.sampled_from(["lam", "rho", "align_steps", "energy", "layers", "top_k", "x"]),
-                               _yaml_scalar, max_size=2)), max_size=2)
+    lambda s: st.tuples(
+        st.just(s), st.dictionaries(st.sampled_from(_keys[s] + ["bogus"]), _yaml_scalar, max_size=3)
+    )
+)
+_options = st.dictionaries(
+    st.sampled_from(["lisa", "asft", "cwac", "safelora", "nope"]),
+    st.one_of(
+        _yaml_scalar,
+        st.dictionaries(
+            st.sampled_from(["lam", "rho", "align_steps", "energy", "layers", "top_k", "x"]),
+            _yaml_scalar,
+            max_size=2,
+        ),
+    ),
+    max_size=2,
+)
 
 
 @_FUZZ
@@ -379,9 +444,11 @@ def test_fuzz_config_raises_only_safefterror(tmp_path, sections, options, raw):
         data.setdefault(name, {}).update(values)
     if options:
         data.setdefault("defense", {})["options"] = options
-    for attempt in (lambda: config_from_dict(data),
-                    lambda: build_config(_write(tmp_path / "c.yaml", yaml.safe_dump(data, allow_unicode=True))),
-                    lambda: build_config(_write(tmp_path / "r.yaml", raw))):
+    for attempt in (
+        lambda: config_from_dict(data),
+        lambda: build_config(_write(tmp_path / "c.yaml", yaml.safe_dump(data, allow_unicode=True))),
+        lambda: build_config(_write(tmp_path / "r.yaml", raw)),
+    ):
         try:
             attempt()
         except SafeFTError as e:

@@ -47,8 +47,23 @@ def test_ddp_two_processes_equal_one_process_with_same_global_batch(tmp_path):
     ddp_out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     env.pop("RANK", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), str(ddp_out), "--batch", "2", "--steps", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(WORKER),
+        str(ddp_out),
+        "--batch",
+        "2",
+        "--steps",
+        "4",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -83,36 +98,78 @@ def test_ddp_two_processes_equal_one_process_with_same_global_batch(tmp_path):
 def test_cli_under_torchrun_with_lisa_matches_one_process(tmp_path):
     """``torchrun -m safeft.cli train`` (2 ranks, batch 2) with Lisa (swapped alignment batches, proximal term,
     phase switches) writes final/ and run.json once and equals ``run_train`` in one process with batch 4."""
+    from helpers_models import make_tiny_model_dir
     from safetensors.torch import load_file
 
-    from helpers_models import make_tiny_model_dir
     from safeft.config import build_config
     from safeft.pipeline import run_train
 
     model_dir = make_tiny_model_dir(tmp_path / "m", max_position_embeddings=256)
-    sets = {"model.cache_dir": str(tmp_path / "cache"), "data.n": 16, "data.p": 0.25, "data.max_length": 96,
-            "training.lora_r": 4, "training.lora_alpha": 8, "training.max_steps": 4, "training.lr": 1e-2,
-            "training.save_steps": 100, "training.progress": False, "defense.name": "lisa",
-            "defense.options": {"lisa": {"align_steps": 1, "user_steps": 2}}}
+    sets = {
+        "model.cache_dir": str(tmp_path / "cache"),
+        "data.n": 16,
+        "data.p": 0.25,
+        "data.max_length": 96,
+        "training.lora_r": 4,
+        "training.lora_alpha": 8,
+        "training.max_steps": 4,
+        "training.lr": 1e-2,
+        "training.save_steps": 100,
+        "training.progress": False,
+        "defense.name": "lisa",
+        "defense.options": {"lisa": {"align_steps": 1, "user_steps": 2}},
+    }
     flags = ["--set", "defense.options.lisa.align_steps=1", "--set", "defense.options.lisa.user_steps=2"]
     for k, v in sets.items():
         if k != "defense.options":
             flags += ["--set", f"{k}={v}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     # torchrun abbreviates its own options: pass safeft's as --set key=value (e.g. --n would be taken as --nnodes)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "safeft.cli", "train", "--model", str(model_dir),
-           "--task", "demo", "--harmful-source", "demo", "--eval-source", "demo", "--batch-size", "2",
-           "--output-dir", str(tmp_path / "ddp"), *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "safeft.cli",
+        "train",
+        "--model",
+        str(model_dir),
+        "--task",
+        "demo",
+        "--harmful-source",
+        "demo",
+        "--eval-source",
+        "demo",
+        "--batch-size",
+        "2",
+        "--output-dir",
+        str(tmp_path / "ddp"),
+        *flags,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert run["global_steps"] == 4
     assert not (tmp_path / "ddp" / ".final.tmp").exists()
 
-    cfg = build_config(None, {**sets, "model.aligned": str(model_dir), "data.task": "demo",
-                              "data.harmful_source": "demo", "eval.harmful_source": "demo",
-                              "training.batch_size": 4, "training.output_dir": str(tmp_path / "one")})
+    cfg = build_config(
+        None,
+        {
+            **sets,
+            "model.aligned": str(model_dir),
+            "data.task": "demo",
+            "data.harmful_source": "demo",
+            "eval.harmful_source": "demo",
+            "training.batch_size": 4,
+            "training.output_dir": str(tmp_path / "one"),
+        },
+    )
     run_train(cfg, log=lambda *a: None)
     a = load_file(str(tmp_path / "ddp" / "final" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "one" / "final" / "adapter_model.safetensors"))
@@ -126,20 +183,37 @@ def test_cli_under_torchrun_with_lisa_matches_one_process(tmp_path):
 
 
 def _tiny_trainer(tmp_path, defenses):
+    from helpers_models import make_tiny_model, make_tiny_tokenizer
     from transformers import TrainingArguments
 
-    from helpers_models import make_tiny_model, make_tiny_tokenizer
     from safeft.data import CompletionCollator, Example, tokenize_example
     from safeft.models import setup_trainable
     from safeft.trainer import SafeTrainer
 
     tok = make_tiny_tokenizer()
     model = setup_trainable(make_tiny_model(seed=0), method="lora", lora_r=4, lora_alpha=8)
-    rows = [tokenize_example(tok, Example(f"the movie was great {i}", "positive"), max_length=32) for i in range(4)]
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to=[],
-                             save_strategy="no", remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
-    return SafeTrainer(model=model, args=args, train_dataset=rows, data_collator=CompletionCollator(tok),
-                       processing_class=tok, defenses=defenses)
+    rows = [
+        tokenize_example(tok, Example(f"the movie was great {i}", "positive"), max_length=32)
+        for i in range(4)
+    ]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return SafeTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=CompletionCollator(tok),
+        processing_class=tok,
+        defenses=defenses,
+    )
 
 
 def test_defenses_that_need_full_params_are_declared():
@@ -152,9 +226,9 @@ def test_defenses_that_need_full_params_are_declared():
 
 
 def test_cwac_declares_it_needs_full_params():
-    cls = pytest.importorskip("safeft.defenses.cwac").CWAC
-    if not cls.needs_full_params:
-        pytest.xfail("pending: `needs_full_params = True` on class CWAC (src/safeft/defenses/cwac/defense.py)")
+    from safeft.defenses.cwac import CWAC, CWACActivation, CWACWeight
+
+    assert CWAC.needs_full_params and CWACWeight.needs_full_params and CWACActivation.needs_full_params
 
 
 @pytest.mark.parametrize("backend", ["fsdp", "zero3"])

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from helpers_models import make_tiny_model_dir
+
 from safeft.cli import main
 from safeft.config import build_config
 from safeft.pipeline import build_splits, load_trained, run_eval, run_train

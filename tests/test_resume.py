@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_models import make_tiny_model_dir
 from safetensors.torch import load_file
 
-from helpers_models import make_tiny_model_dir
 from safeft.cli import main
 
 KILL_AFTER = 4
@@ -36,12 +36,12 @@ _orig = T._DefenseCallback.on_save
 def on_save(self, args, state, control, **kw):
     _orig(self, args, state, control, **kw)
     Path(args.output_dir, f"saved-{state.global_step}").write_text("ok")
-    if state.global_step == %d:
+    if state.global_step == KILL_AFTER:
         time.sleep(120)  # wait here for SIGKILL
 T._DefenseCallback.on_save = on_save
 from safeft.cli import main
 sys.exit(main(sys.argv[1:]))
-""" % KILL_AFTER
+""".replace("KILL_AFTER", str(KILL_AFTER))
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +51,49 @@ def model_dir(tmp_path_factory):
 
 def _args(model_dir, out, cache):
     return [
-        "train", "--model", str(model_dir), "--task", "demo", "--harmful-source", "demo", "--eval-source", "demo",
-        "--n", "24", "--p", "0.25", "--max-steps", "6", "--batch-size", "4", "--output-dir", str(out),
-        "--lr", "1e-2", "--max-length", "96", "--defense", "lisa",
-        "--set", "defense.options.lisa.align_steps=1", "--set", "defense.options.lisa.user_steps=2",
-        "--set", "training.save_steps=2", "--set", "training.save_total_limit=5", "--set", "training.lora_r=4",
-        "--set", "training.lora_alpha=8", "--set", "training.logging_steps=1", "--set", "training.progress=false",
-        "--set", f"model.cache_dir={cache}",
+        "train",
+        "--model",
+        str(model_dir),
+        "--task",
+        "demo",
+        "--harmful-source",
+        "demo",
+        "--eval-source",
+        "demo",
+        "--n",
+        "24",
+        "--p",
+        "0.25",
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--output-dir",
+        str(out),
+        "--lr",
+        "1e-2",
+        "--max-length",
+        "96",
+        "--defense",
+        "lisa",
+        "--set",
+        "defense.options.lisa.align_steps=1",
+        "--set",
+        "defense.options.lisa.user_steps=2",
+        "--set",
+        "training.save_steps=2",
+        "--set",
+        "training.save_total_limit=5",
+        "--set",
+        "training.lora_r=4",
+        "--set",
+        "training.lora_alpha=8",
+        "--set",
+        "training.logging_steps=1",
+        "--set",
+        "training.progress=false",
+        "--set",
+        f"model.cache_dir={cache}",
     ]
 
 
@@ -74,14 +110,21 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, model_dir, capsy
     # killed run: a real process, SIGKILL once checkpoint-4 is complete
     out = tmp_path / "run"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", _PATCHED_MAIN, *_args(model_dir, out, cache)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PATCHED_MAIN, *_args(model_dir, out, cache)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     marker = out / f"saved-{KILL_AFTER}"
     deadline = time.monotonic() + 90
     try:
         while not marker.exists():
             if proc.poll() is not None:
-                pytest.fail(f"training exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+                pytest.fail(
+                    f"training exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}"
+                )
             if time.monotonic() > deadline:
                 pytest.fail("checkpoint-4 did not appear within 90 s")
             time.sleep(0.1)
@@ -116,7 +159,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, model_dir, capsy
             shutil.rmtree(p)
         else:
             p.unlink()
-    for ckpt in out.glob("checkpoint-*"):  # resume from checkpoint-4 again, not from the finished run's last one
+    for ckpt in out.glob(
+        "checkpoint-*"
+    ):  # resume from checkpoint-4 again, not from the finished run's last one
         if int(ckpt.name.split("-")[1]) > KILL_AFTER:
             shutil.rmtree(ckpt)
     assert main(_args(model_dir, out, cache) + ["--resume"]) == 0
@@ -155,13 +200,28 @@ def test_run_json_and_eval_json_go_through_atomic_write(tmp_path, model_dir, mon
         real(path, obj)
 
     monkeypatch.setattr(pipeline, "atomic_write_json", spy)
-    cfg = build_config(None, {
-        "model.aligned": str(model_dir), "model.cache_dir": str(tmp_path / "cache"), "data.task": "demo",
-        "data.harmful_source": "demo", "data.n": 8, "data.p": 0.25, "data.max_length": 96,
-        "training.max_steps": 1, "training.batch_size": 4, "training.lora_r": 4, "training.lora_alpha": 8,
-        "training.output_dir": str(tmp_path / "run"), "training.progress": False, "eval.harmful_source": "demo",
-        "eval.n_harmful": 2, "eval.n_task": 2, "eval.max_new_tokens": 2,
-    })
+    cfg = build_config(
+        None,
+        {
+            "model.aligned": str(model_dir),
+            "model.cache_dir": str(tmp_path / "cache"),
+            "data.task": "demo",
+            "data.harmful_source": "demo",
+            "data.n": 8,
+            "data.p": 0.25,
+            "data.max_length": 96,
+            "training.max_steps": 1,
+            "training.batch_size": 4,
+            "training.lora_r": 4,
+            "training.lora_alpha": 8,
+            "training.output_dir": str(tmp_path / "run"),
+            "training.progress": False,
+            "eval.harmful_source": "demo",
+            "eval.n_harmful": 2,
+            "eval.n_task": 2,
+            "eval.max_new_tokens": 2,
+        },
+    )
     rec = pipeline.run_train(cfg, keep_model=True, log=lambda *a: None)
     pipeline.run_eval(cfg, rec["model"], rec["tokenizer"], out_path=tmp_path / "run" / "eval.json")
     assert written == ["run.json", "eval.json"]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from helpers_models import make_tiny_model, make_tiny_tokenizer
 from transformers import Trainer, TrainingArguments
 
-from helpers_models import make_tiny_model, make_tiny_tokenizer
 from safeft.data import CompletionCollator, Example, tokenize_example
 from safeft.defenses import Defense, build_defenses
 from safeft.models import setup_trainable

@@ -22,30 +22,31 @@ DEMO_SETTINGS: dict[str, Any] = {
     "model.dtype": "float32",
     "data.task": "demo",
     "data.harmful_source": "demo",
-    "data.n": 100,
+    "data.n": 64,
     "data.p": 0.1,
     "data.max_length": 160,
     "training.method": "lora",
     "training.lora_r": 8,
     "training.lora_alpha": 16,
-    "training.lr": 3e-4,
+    "training.lr": 5e-4,
     "training.epochs": 2,
     "training.batch_size": 8,
     "training.save_steps": 1000,
     "training.logging_steps": 5,
     "eval.harmful_source": "demo",
-    "eval.n_harmful": 36,
-    "eval.n_task": 100,
-    "eval.n_xstest": 20,
-    "eval.max_new_tokens": 48,
-    "eval.batch_size": 18,
+    "eval.n_harmful": 30,
+    "eval.n_task": 40,
+    "eval.n_xstest": 12,
+    "eval.max_new_tokens": 40,
+    "eval.batch_size": 15,
 }
 
 # Defense-specific settings scaled to the demo's ~25 optimizer steps (the authors' defaults assume thousands).
 DEMO_DEFENSE_OPTIONS: dict[str, dict[str, Any]] = {
-    "lisa": {"align_steps": 4, "user_steps": 8},
+    "lisa": {"align_steps": 3, "user_steps": 6},
     "safeinstr": {"fraction": 0.1},
-    "cwac": {"sae_steps": 200, "n_anchor": 40},
+    "cwac": {"sae_steps": 200, "n_anchor": 57},
+    "pact": {"n_pairs": 57},
 }
 
 DEFAULT_ORDER = ["sft", "cwac", "pact", "asft", "safelora", "safeinstr", "lisa"]

@@ -235,9 +235,29 @@ class _StepTimer:
         return _CB()
 
 
+def _reset_peak_memory() -> None:
+    """Start a fresh peak-memory window (training only, not artifact preparation): CUDA's allocator counter, or
+    on Linux the process's resident-set high-water mark (``/proc/self/clear_refs`` ← 5)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_memory_mb() -> float:
+    """Peak memory since the last reset: CUDA max allocated, else VmHWM (Linux), else ru_maxrss."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -366,6 +386,7 @@ def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> 
     resume = _last_checkpoint(out_dir) if cfg.training.resume else None
     if cfg.training.resume and resume:
         log(f"resuming from {resume}")
+    _reset_peak_memory()
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - t_train

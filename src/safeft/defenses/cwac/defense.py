@@ -104,6 +104,7 @@ class CWAC(Defense):
     config_class = CWACConfig
     paper = "Peng et al., Coupled Weight and Activation Constraints, Findings of ACL 2026 (arXiv 2604.12384)"
     artifacts = "safety subspaces V_ℓ, TopK SAE, safety latents, baselines (cached per θ₀)"
+    needs_full_params = True  # the projection rewrites whole weight/LoRA tensors: refused under FSDP / ZeRO-3
 
     def __init__(self, config: CWACConfig | None = None):
         super().__init__(config)
