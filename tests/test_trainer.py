@@ -112,3 +112,46 @@ def test_full_finetuning_changes_base_weights(tmp_path):
     changed = sum(not torch.equal(p, q) for (_, p), (_, q) in zip(tr.model.named_parameters(), ref.named_parameters()))
     assert changed > 10
     assert losses[-1] < losses[0]
+
+
+class _ConstTerm2(_ConstTerm):
+    name = "const-test-2"
+
+    def loss_terms(self, model, inputs, outputs):
+        return {"const2/term": torch.tensor(0.5) + 0 * outputs.logits.sum()}
+
+
+def test_composed_defenses_sum_their_terms_and_all_hooks_run(tmp_path):
+    _, l_plain = _train(tmp_path / "a", Trainer)
+    d1, d2 = _ConstTerm(), _ConstTerm2()
+    tr, l_comp = _train(tmp_path / "b", SafeTrainer, defenses=[d1, d2])
+    assert d1.after == 3 and d2.after == 3
+    for a, b in zip(l_plain, l_comp):
+        assert abs((b - a) - 0.75) < 1e-6
+
+
+def test_registry_composition_rules():
+    import pytest
+
+    from safeft.cli import main
+    from safeft.defenses.base import parse_defense_spec
+    from safeft.errors import SafeFTError
+
+    assert parse_defense_spec("cwac+pact") == ["cwac", "pact"]
+    assert parse_defense_spec("sft+asft") == ["asft"]  # the null defense adds nothing
+    with pytest.raises(SafeFTError, match="variants of one method"):
+        parse_defense_spec("cwac+cwac-weight")
+    with pytest.raises(SafeFTError, match="listed twice"):
+        parse_defense_spec("pact+pact")
+    assert main(["list"]) == 0
+
+
+def test_list_shows_every_defense_with_paper(capsys):
+    from safeft.cli import main
+    from safeft.defenses import defense_names
+
+    main(["list"])
+    out = capsys.readouterr().out
+    for name in ["sft", "cwac", "cwac-weight", "cwac-activation", "pact", "asft", "safelora", "safeinstr", "lisa"]:
+        assert name in defense_names() and f"  {name} " in out
+    assert "arXiv 2604.12384" in out and "arXiv 2603.07445" in out and "2506.08473" in out

@@ -176,7 +176,7 @@ def parse_defense_spec(spec: str) -> list[str]:
         classes = [get_defense_class(n) for n in names]
     for a in classes:
         for b in classes:
-            if b.name in a.incompatible_with:
+            if a is not b and b.name in a.incompatible_with:
                 raise SafeFTError(f"defenses {a.name!r} and {b.name!r} cannot be combined: {a.name} {a.incompatible_with_reason(b.name)}")
     return names
 

@@ -105,6 +105,11 @@ class CWAC(Defense):
     paper = "Peng et al., Coupled Weight and Activation Constraints, Findings of ACL 2026 (arXiv 2604.12384)"
     artifacts = "safety subspaces V_ℓ, TopK SAE, safety latents, baselines (cached per θ₀)"
     needs_full_params = True  # the projection rewrites whole weight/LoRA tensors: refused under FSDP / ZeRO-3
+    incompatible_with = ("cwac", "cwac-weight", "cwac-activation")
+
+    @classmethod
+    def incompatible_with_reason(cls, other: str) -> str:
+        return f"and {other} are variants of one method; choose one (cwac = both constraints)"
 
     def __init__(self, config: CWACConfig | None = None):
         super().__init__(config)
