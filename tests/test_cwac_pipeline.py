@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from helpers_models import make_tiny_model_dir
+
 from safeft.config import build_config
 from safeft.pipeline import run_eval, run_prepare, run_train
 
