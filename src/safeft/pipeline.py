@@ -549,11 +549,28 @@ def _subsample(items: list, n: int, seed: int) -> list:
 # ---- alignment stage ---------------------------------------------------------------------------------------------
 
 
-def _align_key(cfg: RunConfig, base_fp: str, n_ref: int, n_ben: int) -> str:
+def _align_key(cfg: RunConfig, base_fp: str, examples: list) -> str:
+    """Cache key of an alignment-stage output: θ_b's weights, the stage's settings and the exact training examples
+    (so two runs share θ₀ exactly when they would train the same model)."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(f"{e.kind}\x00{e.prompt}\x00{e.response}\x01".encode())
     payload = {"base": base_fp, "align": cfg.to_dict()["align"], "template": cfg.data.template,
-               "eval_source": cfg.eval.harmful_source,
-               "demo": cfg.data.task == "demo" or cfg.data.harmful_source == "demo", "n": [n_ref, n_ben], "v": 1}
+               "lora_targets": cfg.training.lora_targets, "data": h.hexdigest(), "v": 2}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _validation_harmful(cfg: RunConfig, splits: Splits) -> list[str]:
+    """Harmful prompts for checking the alignment stage: HarmBench's validation split when the shared data is there
+    (never the test prompts the benchmark reports HS on), else the run's held-out evaluation prompts (demo)."""
+    from safeft.data import load_harmful_prompts, shared_data_dir
+
+    if cfg.eval.harmful_source != "demo" and shared_data_dir() is not None:
+        try:
+            return load_harmful_prompts("harmbench_val")
+        except SafeFTError:
+            pass
+    return splits.eval_harmful
 
 
 def run_align(cfg: RunConfig, base_spec: str, *, evaluate: bool = True, log: Any = print) -> dict[str, Any]:
@@ -573,7 +590,9 @@ def run_align(cfg: RunConfig, base_spec: str, *, evaluate: bool = True, log: Any
     benign = [splits.benign[i] for i in torch.randperm(len(splits.benign), generator=g)[: a.n_benign]]
     if not refusals:
         raise SafeFTError("alignment stage: no refusal pairs available; check the data sources")
-    key = _align_key(cfg, base_fp, len(refusals), len(benign))
+    contrast = [e for e in benign if e.meta.get("contrast")]
+    examples = refusals + benign + contrast * (a.contrast_repeat - 1)
+    key = _align_key(cfg, base_fp, examples)
     root = (Path(cfg.model.cache_dir) if cfg.model.cache_dir else cache_root()) / "aligned"
     out = root / f"{Path(str(base_dir)).name}-{key}"
     info_path = out / "align.json"
@@ -588,8 +607,6 @@ def run_align(cfg: RunConfig, base_spec: str, *, evaluate: bool = True, log: Any
     model, tok, _ = load_model(str(base_dir), dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
     model = setup_trainable(model, method="lora", lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                             target_modules=cfg.training.lora_targets)
-    contrast = [e for e in benign if e.meta.get("contrast")]
-    examples = refusals + benign + contrast * (a.contrast_repeat - 1)
     rows = tokenize_all(tok, examples, cfg.data.template, a.max_length, "alignment data")
     from transformers import TrainingArguments
 
@@ -618,7 +635,7 @@ def run_align(cfg: RunConfig, base_spec: str, *, evaluate: bool = True, log: Any
         from safeft.eval import KeywordJudge, generate
 
         judge = KeywordJudge()
-        harm = _subsample(splits.eval_harmful, 40, a.seed)
+        harm = _subsample(_validation_harmful(cfg, splits), 40, a.seed)
         safe = _subsample(splits.xstest_safe, 40, a.seed)
         merged.eval()
         ans_h = generate(merged, tok, harm, template=cfg.data.template, max_new_tokens=48, batch_size=16,
@@ -628,7 +645,7 @@ def run_align(cfg: RunConfig, base_spec: str, *, evaluate: bool = True, log: Any
         info["refusal_rate_harmful"] = sum(judge.is_refusal(x) for x in ans_h) / max(1, len(ans_h))
         info["refusal_rate_safe"] = sum(judge.is_refusal(x) for x in ans_s) / max(1, len(ans_s)) if ans_s else None
         info["check_sizes"] = [len(ans_h), len(ans_s)]
-        log(f"aligned model: refuses {info['refusal_rate_harmful']:.0%} of {len(ans_h)} held-out harmful prompts, "
+        log(f"aligned model: refuses {info['refusal_rate_harmful']:.0%} of {len(ans_h)} held-out (validation) harmful prompts, "
             f"{(info['refusal_rate_safe'] or 0):.0%} of {len(ans_s)} safe contrast prompts")
     atomic_write_json(stage / "align.json", _jsonable(info))
     if out.exists():
