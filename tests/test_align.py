@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from helpers_models import make_tiny_model_dir
+
 from safeft.config import build_config
 from safeft.models import fingerprint, load_model
 from safeft.pipeline import resolve, run_align
