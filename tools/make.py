@@ -1,7 +1,7 @@
 """Writes src/safeft/demo_data/{harmful,benign,sentiment}.jsonl. Content written for safeft; deterministic."""
 import json, random, sys
 from pathlib import Path
-sys.path.insert(0, "/tmp/demo_gen")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harm import HARM
 from benign import CONTRAST, REGULAR, CAPITALS, ANTONYMS
 
