@@ -85,3 +85,44 @@ def make_tiny_model_dir(path: str | Path, seed: int = 0, **overrides) -> Path:
     make_tiny_model(seed, **overrides).save_pretrained(path, safe_serialization=True)
     make_tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def demo_train_args(
+    model_dir: Path | str,
+    out: Path | str,
+    cache: Path | str,
+    *,
+    n: int = 8,
+    p: float = 0.25,
+    max_steps: int = 1,
+    batch_size: int = 4,
+    extra: tuple[str, ...] | list[str] = (),
+) -> list[str]:
+    """``safeft train`` arguments for a short run on the embedded demo data (task, poison and eval prompts), with
+    the model cache in ``cache`` and no progress bars; ``extra`` is appended (later flags win)."""
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--task",
+        "demo",
+        "--harmful-source",
+        "demo",
+        "--eval-source",
+        "demo",
+        "--n",
+        str(n),
+        "--p",
+        str(p),
+        "--max-steps",
+        str(max_steps),
+        "--batch-size",
+        str(batch_size),
+        "--output-dir",
+        str(out),
+        "--set",
+        f"model.cache_dir={cache}",
+        "--set",
+        "training.progress=false",
+        *extra,
+    ]

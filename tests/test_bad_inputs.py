@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_models import make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer
+from helpers_models import demo_train_args, make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,31 +32,7 @@ def work(tmp_path_factory):
 
 
 def _base(model_dir, work) -> list[str]:
-    return [
-        "train",
-        "--model",
-        str(model_dir),
-        "--task",
-        "demo",
-        "--harmful-source",
-        "demo",
-        "--eval-source",
-        "demo",
-        "--n",
-        "8",
-        "--p",
-        "0.25",
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "4",
-        "--output-dir",
-        str(work / "run"),
-        "--set",
-        f"model.cache_dir={work / 'cache'}",
-        "--set",
-        "training.progress=false",
-    ]
+    return demo_train_args(model_dir, work / "run", work / "cache")
 
 
 def _one_line_error(capsys, argv: list[str]) -> str:

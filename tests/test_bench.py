@@ -88,8 +88,11 @@ def test_shipped_presets_plan_and_validate(tmp_path):
     skipped = {c.defense: c.skip for c in small if c.skip}
     assert set(skipped) == {"pact", "asft", "safelora"}
     assert all("θ_b" in r for r in skipped.values())
-    val = plan_cells(load_preset("tiny-val"), tmp_path)
-    assert all(cell_config(c, tmp_path)["eval"]["harmful_source"] == "harmbench_val" for c in val)
+    for name in ("tiny-val", "cwac-tune"):  # tuning presets never see the test prompts
+        val = plan_cells(load_preset(name), tmp_path)
+        assert all(cell_config(c, tmp_path)["eval"]["harmful_source"] == "harmbench_val" for c in val)
+    tune = {c.defense: cell_config(c, tmp_path)["defense"]["options"] for c in val if c.kind == "train"}
+    assert tune["cwac@all-layers-lam5"]["cwac"] == {"n_anchor": 60, "sae_steps": 300, "layers": "all", "lam": 5.0}
 
 
 def test_plan_order_options_fallback_and_only(tmp_path):
@@ -115,6 +118,45 @@ def test_plan_order_options_fallback_and_only(tmp_path):
     assert [c.id for c in only] == ["aligned", "p0.1-sft-s0", "p0.2-sft-s0"]
     with pytest.raises(SafeFTError, match="lisa not in preset mini"):
         plan_cells(pre, tmp_path, only=["lisa"])
+
+
+def test_named_variants_merge_options_and_get_their_own_rows(tmp_path):
+    text = MINI.replace(
+        "defenses: [cwac, sft, cwac-weight, pact]", "defenses: [sft, cwac, cwac@lam5, cwac-weight@all]"
+    )
+    text += "  cwac@lam5: {lam: 5.0}\n  cwac-weight@all: {layers: [0, 1]}\n"
+    pre = load_preset(_write_preset(tmp_path, text))
+    by = {c.id: c for c in plan_cells(pre, tmp_path)}
+    v = by["p0.1-cwac@lam5-s0"]
+    assert v.defense == "cwac@lam5" and v.overrides["defense.name"] == "cwac"
+    assert v.overrides["defense.options"] == {"cwac": {"n_anchor": 12, "lam": 5.0}}
+    w = by["p0.2-cwac-weight@all-s0"]
+    assert w.overrides["defense.options"] == {"cwac-weight": {"n_anchor": 12, "layers": [0, 1]}}
+    assert by["p0.1-cwac-s0"].overrides["defense.options"] == {"cwac": {"n_anchor": 12}}
+    cfgs = {i: cell_config(c, tmp_path / i) for i, c in by.items()}
+    assert cfgs["p0.1-cwac@lam5-s0"]["defense"]["options"]["cwac"]["lam"] == 5.0
+    assert config_hash(v, cfgs["p0.1-cwac@lam5-s0"]) != config_hash(by["p0.1-cwac-s0"], cfgs["p0.1-cwac-s0"])
+    assert [c.id for c in plan_cells(pre, tmp_path, only=["cwac@lam5"])] == [
+        "p0.1-cwac@lam5-s0",
+        "p0.2-cwac@lam5-s0",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "opts", "message"),
+    [
+        ("cwac@", "", "variant is one defense name"),
+        ("cwac+pact@x", "", "variant is one defense name"),
+        ("nope@x", "", "nope"),
+        ("cwac@x", "  cwac@y: {lam: 1.0}\n", "cwac@y: variant not listed"),
+        ("cwac@x", "  cwac@x: {lamb: 1.0}\n", "lamb"),
+    ],
+)
+def test_bad_variants_are_refused(tmp_path, entry, opts, message):
+    text = f"grid: {{defenses: [sft, '{entry}']}}\ndefense_options:\n  cwac: {{n_anchor: 12}}\n{opts}"
+    with pytest.raises(SafeFTError, match=message):
+        for c in plan_cells(load_preset(_write_preset(tmp_path, text)), tmp_path):
+            cell_config(c, tmp_path)
 
 
 def test_config_hash_tracks_results_not_paths(tmp_path):

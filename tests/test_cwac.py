@@ -190,6 +190,13 @@ def test_refuses_constraint_on_untrained_modules(tiny_tokenizer, tmp_path):
         "2.self_attn.q_proj",
         "2.self_attn.v_proj",
     ]
+    # layers: "all" constrains every trained module of every layer
+    s3 = make(CWACConfig(activation=False, layers="all")).prepare(model, ctx_for(tiny_tokenizer, tmp_path))
+    assert sorted(s3["subspace"]["ranks"]) == [
+        f"{i}.self_attn.{m}" for i in range(4) for m in ("q_proj", "v_proj")
+    ]
+    with pytest.raises(SafeFTError, match=r"defense\.cwac\.layers: must be.*'middle'"):
+        CWACConfig(layers="middle")
 
 
 def test_refuses_when_theta0_refuses_nothing(tiny_tokenizer, tmp_path):

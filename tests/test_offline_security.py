@@ -18,7 +18,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from helpers_models import make_tiny_model_dir
+from helpers_models import demo_train_args, make_tiny_model_dir
 
 from safeft.errors import SafeFTError
 
@@ -74,47 +74,10 @@ def test_end_to_end_train_eval_resume_offline(tmp_path, no_network, capsys):
     from safeft.cli import main
 
     model_dir = make_tiny_model_dir(tmp_path / "m", max_position_embeddings=256)
-    args = [
-        "train",
-        "--model",
-        str(model_dir),
-        "--task",
-        "demo",
-        "--harmful-source",
-        "demo",
-        "--eval-source",
-        "demo",
-        "--n",
-        "8",
-        "--p",
-        "0.25",
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--output-dir",
-        str(tmp_path / "run"),
-        "--max-length",
-        "96",
-        "--n-harmful",
-        "2",
-        "--n-task",
-        "2",
-        "--max-new-tokens",
-        "2",
-        "--set",
-        "training.save_steps=1",
-        "--set",
-        f"model.cache_dir={tmp_path / 'c'}",
-        "--set",
-        "training.progress=false",
-        "--defense",
-        "lisa",
-        "--set",
-        "defense.options.lisa.align_steps=1",
-        "--set",
-        "defense.options.lisa.user_steps=1",
-    ]
+    extra = ["--max-length", "96", "--n-harmful", "2", "--n-task", "2", "--max-new-tokens", "2"]
+    extra += ["--set", "training.save_steps=1", "--defense", "lisa"]
+    extra += ["--set", "defense.options.lisa.align_steps=1", "--set", "defense.options.lisa.user_steps=1"]
+    args = demo_train_args(model_dir, tmp_path / "run", tmp_path / "c", max_steps=2, extra=extra)
     assert main([*args, "--eval"]) == 0
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["harmful"]["n"] == 2
     # resume (loads optimizer / scheduler / RNG state) and evaluate a saved run through the CLI

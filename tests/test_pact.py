@@ -146,7 +146,7 @@ def test_cumulative_mass_fraction_counts_tokens_to_90_percent():
      ("alpha", float("nan")), ("k", True), ("base_prompt_format", "User: {p}\nAssistant: ")],
 )  # fmt: skip
 def test_config_rejects_bad_values_naming_the_field(field, value):
-    with pytest.raises(SafeFTError, match=rf"defense\.pact\.{field}="):
+    with pytest.raises(SafeFTError, match=rf"defense\.pact\.{field}: must be"):
         PACTConfig(**{field: value})
 
 

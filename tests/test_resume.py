@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_models import make_tiny_model_dir
+from helpers_models import demo_train_args, make_tiny_model_dir
 from safetensors.torch import load_file
 
 from safeft.cli import main
@@ -50,51 +50,18 @@ def model_dir(tmp_path_factory):
 
 
 def _args(model_dir, out, cache):
-    return [
-        "train",
-        "--model",
-        str(model_dir),
-        "--task",
-        "demo",
-        "--harmful-source",
-        "demo",
-        "--eval-source",
-        "demo",
-        "--n",
-        "24",
-        "--p",
-        "0.25",
-        "--max-steps",
-        "6",
-        "--batch-size",
-        "4",
-        "--output-dir",
-        str(out),
-        "--lr",
-        "1e-2",
-        "--max-length",
-        "96",
-        "--defense",
-        "lisa",
-        "--set",
+    extra = ["--lr", "1e-2", "--max-length", "96", "--defense", "lisa"]
+    for kv in (
         "defense.options.lisa.align_steps=1",
-        "--set",
         "defense.options.lisa.user_steps=2",
-        "--set",
         "training.save_steps=2",
-        "--set",
         "training.save_total_limit=5",
-        "--set",
         "training.lora_r=4",
-        "--set",
         "training.lora_alpha=8",
-        "--set",
         "training.logging_steps=1",
-        "--set",
-        "training.progress=false",
-        "--set",
-        f"model.cache_dir={cache}",
-    ]
+    ):
+        extra += ["--set", kv]
+    return demo_train_args(model_dir, out, cache, n=24, max_steps=6, extra=extra)
 
 
 def _adapter(run: Path) -> dict[str, torch.Tensor]:

@@ -270,13 +270,14 @@ def _last_checkpoint(output_dir: Path) -> str | None:
 
 
 def build_context(cfg: RunConfig, model, tokenizer, splits: Splits, aligned_dir: Path, base_dir: Path | None,
-                  fp: str):
+                  fp: str, collator=None):
     """The DefenseContext of a run: tokenizer, θ₀/θ_b paths, artifact folder keyed by θ₀'s fingerprint, prompt
-    pools (never the evaluation prompts), and helpers to load frozen models and collate examples."""
+    pools (never the evaluation prompts), and helpers to load frozen models and collate examples (with the
+    training run's ``collator``, or a new CompletionCollator)."""
     from safeft.data import CompletionCollator
     from safeft.defenses import DefenseContext
 
-    collator = CompletionCollator(tokenizer)
+    collator = collator or CompletionCollator(tokenizer)
 
     def collate_examples(exs: list) -> dict:
         return collator(tokenize_all(tokenizer, exs, cfg.data.template, cfg.data.max_length, "alignment data"))
@@ -367,7 +368,7 @@ def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> 
                             lora_alpha=cfg.training.lora_alpha, lora_dropout=cfg.training.lora_dropout,
                             target_modules=cfg.training.lora_targets)
     collator = CompletionCollator(tokenizer)
-    ctx = build_context(cfg, model, tokenizer, splits, aligned_dir, base_dir, fp)
+    ctx = build_context(cfg, model, tokenizer, splits, aligned_dir, base_dir, fp, collator)
     for d in defenses:
         examples = d.modify_dataset(examples, ctx)
     train_rows = tokenize_all(tokenizer, examples, cfg.data.template, cfg.data.max_length)

@@ -6,8 +6,13 @@ Preset keys::
     name: tiny                      # defaults to the file name
     description: one line
     base: {dotted.key: value}       # config overrides applied to every cell (nested mappings are flattened)
-    grid: {p: [0.1], defenses: [sft, cwac], seeds: [0]}   # seeds set training.seed
-    defense_options: {cwac: {n_anchor: 60}}               # cwac-weight / cwac-activation fall back to cwac's
+    grid: {p: [0.1], defenses: [sft, cwac, cwac@lam5], seeds: [0]}   # seeds set training.seed
+    defense_options: {cwac: {n_anchor: 60}, cwac@lam5: {lam: 5.0}}
+                                    # cwac-weight / cwac-activation fall back to cwac's options
+
+A grid entry ``NAME@LABEL`` is a *variant*: defense ``NAME`` run with ``defense_options[NAME]`` updated by
+``defense_options[NAME@LABEL]``, reported as its own row (``cwac@lam5``). Use variants to compare settings of one
+defense side by side, e.g. in a tuning preset on a validation split.
     include_aligned: true           # add the θ₀ row (evaluated, not trained)
     cell_timeout_minutes: 30        # a cell running longer is stopped and recorded as failed (null = no limit)
 
@@ -179,16 +184,31 @@ def load_preset(name_or_path: str) -> Preset:
     if not defenses:
         raise SafeFTError(f"{path}: grid.defenses is empty; name at least one defense (see `safeft list`)")
     known = set(defense_names())
+    if len(set(map(str, defenses))) != len(defenses):
+        raise SafeFTError(f"{path}: grid.defenses lists an entry twice: {defenses!r}")
     for d in defenses:
         if d == ALIGNED:
             raise SafeFTError(
                 f"{path}: grid.defenses: 'aligned' is added by include_aligned: true, not listed"
             )
+        spec, label = split_variant(str(d))
+        if label is not None and (not re.fullmatch(r"[A-Za-z0-9_.=-]+", label) or "+" in spec):
+            raise SafeFTError(
+                f"{path}: grid.defenses: {d!r}: a variant is one defense name, '@' and a label of letters, "
+                "digits, '_', '-', '.' or '=' (e.g. cwac@lam5)"
+            )
         try:
-            parse_defense_spec(str(d))
+            parse_defense_spec(spec)
         except SafeFTError as e:
             raise SafeFTError(f"{path}: grid.defenses: {e}") from None
     for d, o in opts.items():
+        spec, label = split_variant(str(d))
+        if label is not None:
+            if d not in map(str, defenses):
+                raise SafeFTError(
+                    f"{path}: defense_options.{d}: variant not listed in grid.defenses; add it there or remove it"
+                )
+            d = spec
         if d not in known:
             raise SafeFTError(
                 f"{path}: defense_options.{d}: unknown defense; choose from {', '.join(sorted(known))}"
@@ -212,17 +232,27 @@ def load_preset(name_or_path: str) -> Preset:
     )
 
 
-def options_for(preset: Preset, spec: str) -> dict[str, dict[str, Any]]:
-    """``defense.options`` of a cell: the options of each defense in ``spec`` (``a+b``); an ablation variant
-    ``cwac-weight`` without its own entry uses the options of ``cwac``."""
+def split_variant(entry: str) -> tuple[str, str | None]:
+    """``"cwac@lam5"`` → ``("cwac", "lam5")``; ``"cwac"`` → ``("cwac", None)``."""
+    spec, sep, label = str(entry).partition("@")
+    return spec, (label if sep else None)
+
+
+def options_for(preset: Preset, entry: str) -> dict[str, dict[str, Any]]:
+    """``defense.options`` of a cell: the options of each defense in ``entry`` (``a+b``); an ablation variant
+    ``cwac-weight`` without its own entry uses the options of ``cwac``; a labelled variant ``a@x`` (single defense)
+    updates them with ``defense_options["a@x"]``."""
     from safeft.defenses.base import parse_defense_spec
 
+    spec, label = split_variant(entry)
     out = {}
     for name in parse_defense_spec(spec):
         if name in preset.defense_options:
             out[name] = dict(preset.defense_options[name])
         elif "-" in name and name.split("-", 1)[0] in preset.defense_options:
             out[name] = dict(preset.defense_options[name.split("-", 1)[0]])
+    if label is not None:
+        out[spec] = {**out.get(spec, {}), **preset.defense_options.get(entry, {})}
     return out
 
 
@@ -259,12 +289,13 @@ def plan_cells(preset: Preset, out_dir: Path | None = None, only: list[str] | No
         for seed in preset.seeds:
             for d in order:
                 ov = dict(base)
-                ov.update({"data.p": p, "training.seed": seed, "defense.name": d})
+                spec = split_variant(d)[0]
+                ov.update({"data.p": p, "training.seed": seed, "defense.name": spec})
                 opts = options_for(preset, d)
                 if opts:
                     ov["defense.options"] = expand_vars(opts, f"{preset.path}: defense_options", out_dir)
                 cells.append(
-                    Cell(f"p{p:g}-{d}-s{seed}", d, p, seed, "train", ov, _skip_reason(preset, d, base))
+                    Cell(f"p{p:g}-{d}-s{seed}", d, p, seed, "train", ov, _skip_reason(preset, spec, base))
                 )
     if only:
         unknown = sorted(set(only) - {c.defense for c in cells})

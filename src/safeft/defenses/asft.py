@@ -25,7 +25,13 @@ from safeft.defenses._alignment_matrix import (
     lora_factors,
     lora_modules,
 )
-from safeft.defenses.base import Defense, DefenseConfig, DefenseContext, register_defense
+from safeft.defenses.base import (
+    Defense,
+    DefenseConfig,
+    DefenseContext,
+    check_number,
+    register_defense,
+)
 from safeft.errors import SafeFTError
 
 
@@ -53,9 +59,7 @@ class AsFTConfig(DefenseConfig):
     lam: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.lam, (int, float)) or isinstance(self.lam, bool) or not (self.lam >= 0.0):
-            raise SafeFTError(f"defense.asft.lam: must be a number ≥ 0 (authors use 1.0), got {self.lam!r}")
-        self.lam = float(self.lam)
+        self.lam = check_number("asft", "lam", self.lam, lo=0, note="(authors use 1.0)")
 
 
 @register_defense

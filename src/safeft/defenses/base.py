@@ -27,6 +27,53 @@ import torch
 from safeft.errors import SafeFTError
 
 
+def config_error(defense: str, field: str, value: Any, rule: str) -> SafeFTError:
+    """The one message shape of a bad defense setting: ``defense.<name>.<field>: must be <rule>, got <value>``."""
+    return SafeFTError(f"defense.{defense}.{field}: must be {rule}, got {value!r}")
+
+
+def check_int(defense: str, field: str, value: Any, lo: int, *, none_ok: bool = False) -> int | None:
+    """``value`` if it is an integer ≥ ``lo`` (or None where ``none_ok``), else a :func:`config_error`."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise config_error(defense, field, value, f"an integer ≥ {lo}" + (" or null" if none_ok else ""))
+    return value
+
+
+def check_number(
+    defense: str,
+    field: str,
+    value: Any,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    open_lo: bool = False,
+    open_hi: bool = False,
+    note: str = "",
+) -> float:
+    """``float(value)`` if it is a finite number within the bounds (``open_*``: bound excluded), else a
+    :func:`config_error` whose rule reads like "a number in (0, 1)" or "a number ≥ 0"; ``note`` is appended."""
+    if lo is not None and hi is not None:
+        rule = f"a number in {'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+    elif lo is not None:
+        rule = f"a number {'>' if open_lo else '≥'} {lo:g}"
+    elif hi is not None:
+        rule = f"a number {'<' if open_hi else '≤'} {hi:g}"
+    else:
+        rule = "a finite number"
+    rule += f" {note}" if note else ""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    ok = ok and abs(value) != float("inf")
+    if ok and lo is not None:
+        ok = value > lo if open_lo else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if open_hi else value <= hi
+    if not ok:
+        raise config_error(defense, field, value, rule)
+    return float(value)
+
+
 @dataclass
 class DefenseConfig:
     """Base for every defense's config. Subclasses add fields with defaults and validate in ``__post_init__``,
@@ -159,7 +206,9 @@ def defense_names() -> list[str]:
 def get_defense_class(name: str) -> type[Defense]:
     _load_builtin()
     if name not in _REGISTRY:
-        raise SafeFTError(f"unknown defense {name!r}; choose from {', '.join(sorted(_REGISTRY))} (see `safeft list`)")
+        raise SafeFTError(
+            f"unknown defense {name!r}; choose from {', '.join(sorted(_REGISTRY))} (see `safeft list`)"
+        )
     return _REGISTRY[name]
 
 
@@ -177,7 +226,9 @@ def parse_defense_spec(spec: str) -> list[str]:
     for a in classes:
         for b in classes:
             if a is not b and b.name in a.incompatible_with:
-                raise SafeFTError(f"defenses {a.name!r} and {b.name!r} cannot be combined: {a.name} {a.incompatible_with_reason(b.name)}")
+                raise SafeFTError(
+                    f"defenses {a.name!r} and {b.name!r} cannot be combined: {a.name} {a.incompatible_with_reason(b.name)}"
+                )
     return names
 
 
@@ -187,12 +238,13 @@ def build_config(cls: type[Defense], values: dict[str, Any] | None) -> DefenseCo
     known = {f.name for f in dataclasses.fields(cls.config_class)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise SafeFTError(
-            f"defense.{cls.name}: unknown key(s) {unknown}; allowed: {sorted(known) or 'none'}"
-        )
+        raise SafeFTError(f"defense.{cls.name}: unknown key(s) {unknown}; allowed: {sorted(known) or 'none'}")
     return cls.config_class(**values)
 
 
 def build_defenses(spec: str, configs: dict[str, dict[str, Any]] | None = None) -> list[Defense]:
     configs = configs or {}
-    return [get_defense_class(n)(build_config(get_defense_class(n), configs.get(n))) for n in parse_defense_spec(spec)]
+    return [
+        get_defense_class(n)(build_config(get_defense_class(n), configs.get(n)))
+        for n in parse_defense_spec(spec)
+    ]

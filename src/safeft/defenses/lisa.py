@@ -22,7 +22,15 @@ from typing import Any
 
 import torch
 
-from safeft.defenses.base import Defense, DefenseConfig, DefenseContext, register_defense, unwrap_model
+from safeft.defenses.base import (
+    Defense,
+    DefenseConfig,
+    DefenseContext,
+    check_int,
+    check_number,
+    register_defense,
+    unwrap_model,
+)
 from safeft.errors import SafeFTError
 
 ALIGN, USER = "align", "user"
@@ -49,18 +57,9 @@ class LisaConfig(DefenseConfig):
 
     def __post_init__(self) -> None:
         for f, lo in (("align_steps", 1), ("user_steps", 1), ("proximal_start_step", 0)):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise SafeFTError(f"defense.lisa.{f}: must be an integer ≥ {lo}, got {v!r}")
-        if self.batch_size is not None and (
-            isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1
-        ):
-            raise SafeFTError(
-                f"defense.lisa.batch_size: must be an integer ≥ 1 or null, got {self.batch_size!r}"
-            )
-        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not (self.rho >= 0.0):
-            raise SafeFTError(f"defense.lisa.rho: must be a number ≥ 0 (authors use 1.0), got {self.rho!r}")
-        self.rho = float(self.rho)
+            check_int("lisa", f, getattr(self, f), lo)
+        check_int("lisa", "batch_size", self.batch_size, 1, none_ok=True)
+        self.rho = check_number("lisa", "rho", self.rho, lo=0, note="(authors use 1.0)")
 
 
 @register_defense

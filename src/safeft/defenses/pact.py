@@ -26,7 +26,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from safeft.components.kl import cumulative_mass_fraction, subset_kl
-from safeft.defenses.base import Defense, DefenseConfig, DefenseContext, register_defense, unwrap_model
+from safeft.defenses.base import (
+    Defense,
+    DefenseConfig,
+    DefenseContext,
+    check_int,
+    check_number,
+    config_error,
+    register_defense,
+    unwrap_model,
+)
 from safeft.errors import SafeFTError
 
 log = logging.getLogger(__name__)
@@ -77,37 +85,21 @@ class PACTConfig(DefenseConfig):
     base_prompt_format: str = "User: {prompt}\nAssistant: "
 
     def __post_init__(self) -> None:
-        def fail(name: str, rule: str) -> None:
-            raise SafeFTError(f"defense.pact.{name}={getattr(self, name)!r}: must be {rule}")
-
-        def is_int(x: Any) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        def is_num(x: Any) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
         for name in ("k", "n_pairs", "response_tokens"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
-                fail(name, "an integer ≥ 1")
-        if not is_int(self.N) or self.N < 0:
-            fail("N", "an integer ≥ 0 (response tokens before the gate starts to decay)")
-        for name in ("lam", "alpha"):
-            if not is_num(getattr(self, name)) or getattr(self, name) < 0:
-                fail(name, "a finite number ≥ 0")
-        for name in ("T", "tau"):
-            if not is_num(getattr(self, name)) or getattr(self, name) <= 0:
-                fail(name, "a finite number > 0")
-        if not is_num(self.b):
-            fail("b", "a finite number")
+            check_int("pact", name, getattr(self, name), 1)
+        check_int("pact", "N", self.N, 0)
+        self.lam = check_number("pact", "lam", self.lam, lo=0)
+        self.alpha = check_number("pact", "alpha", self.alpha, lo=0)
+        self.T = check_number("pact", "T", self.T, lo=0, open_lo=True)
+        self.tau = check_number("pact", "tau", self.tau, lo=0, open_lo=True)
+        self.b = check_number("pact", "b", self.b)
         if not isinstance(self.base_prompt_format, str) or "{prompt}" not in self.base_prompt_format:
-            fail("base_prompt_format", "a string containing '{prompt}', e.g. 'User: {prompt}\\nAssistant: '")
-        self.lam, self.T, self.alpha, self.b, self.tau = (
-            float(self.lam),
-            float(self.T),
-            float(self.alpha),
-            float(self.b),
-            float(self.tau),
-        )
+            raise config_error(
+                "pact",
+                "base_prompt_format",
+                self.base_prompt_format,
+                "a string containing '{prompt}', e.g. 'User: {prompt}\\nAssistant: '",
+            )
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from safeft.defenses.base import Defense, DefenseConfig, DefenseContext, register_defense
+from safeft.defenses.base import (
+    Defense,
+    DefenseConfig,
+    DefenseContext,
+    check_int,
+    check_number,
+    register_defense,
+)
 from safeft.errors import SafeFTError
 
 DEFAULT_FRACTION = 0.1
@@ -76,15 +83,13 @@ class SafeInstrConfig(DefenseConfig):
                 "defense.safeinstr: set exactly one of fraction (in (0, 1)) or count (≥ 0), not both"
             )
         if self.count is not None:
-            if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
-                raise SafeFTError(f"defense.safeinstr.count: must be an integer ≥ 0, got {self.count!r}")
+            check_int("safeinstr", "count", self.count, 0)
         else:
             if self.fraction is None:
                 self.fraction = DEFAULT_FRACTION
-            f = self.fraction
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 < f < 1.0):
-                raise SafeFTError(f"defense.safeinstr.fraction: must be a number in (0, 1), got {f!r}")
-            self.fraction = float(f)
+            self.fraction = check_number(
+                "safeinstr", "fraction", self.fraction, lo=0, hi=1, open_lo=True, open_hi=True
+            )
         if not isinstance(self.source, str) or not self.source:
             raise SafeFTError(f"defense.safeinstr.source: must be a refusal source name, got {self.source!r}")
 

@@ -25,7 +25,14 @@ from safeft.defenses._alignment_matrix import (
     lora_factors,
     lora_modules,
 )
-from safeft.defenses.base import Defense, DefenseConfig, DefenseContext, register_defense
+from safeft.defenses.base import (
+    Defense,
+    DefenseConfig,
+    DefenseContext,
+    check_int,
+    check_number,
+    register_defense,
+)
 from safeft.errors import SafeFTError
 
 DEFAULT_THRESHOLD = 0.5
@@ -77,15 +84,11 @@ class SafeLoRAConfig(DefenseConfig):
                 "defense.safelora: set exactly one of threshold (cos < τ, τ in [-1, 1]) or top_k (k ≥ 1), not both"
             )
         if self.top_k is not None:
-            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-                raise SafeFTError(f"defense.safelora.top_k: must be an integer ≥ 1, got {self.top_k!r}")
+            check_int("safelora", "top_k", self.top_k, 1)
         else:
             if self.threshold is None:
                 self.threshold = DEFAULT_THRESHOLD
-            t = self.threshold
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not (-1.0 <= t <= 1.0):
-                raise SafeFTError(f"defense.safelora.threshold: must be a number in [-1, 1], got {t!r}")
-            self.threshold = float(t)
+            self.threshold = check_number("safelora", "threshold", self.threshold, lo=-1, hi=1)
 
 
 @register_defense

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from safeft.defenses.base import DefenseConfig
-from safeft.errors import SafeFTError
-
-
-def _fail(field: str, value: object, allowed: str, name: str = "cwac") -> None:
-    raise SafeFTError(f"defense.{name}.{field}={value!r} is invalid: must be {allowed}")
+from safeft.defenses.base import DefenseConfig, check_int, check_number, config_error
 
 
 @dataclass
@@ -20,7 +15,7 @@ class CWACConfig(DefenseConfig):
     energy: fraction of trace(C_ℓ) the safety subspace V_ℓ keeps, in (0, 1).
     target_modules: leaf names of the constrained linear modules (None: the LoRA targets being trained in
     ``layers``, or ["down_proj"] for full fine-tuning). layers: 0-based decoder layers constrained (None: the middle
-    half). sae_layer: decoder block whose output (residual stream) the SAE reads (None: the middle layer).
+    half; "all": every layer). sae_layer: decoder block whose output (residual stream) the SAE reads (None: the middle layer).
     sae_path: a pretrained SAE folder in SAELens format (cfg.json + sae_weights.safetensors) instead of training one.
     sae_width_factor / sae_k / sae_steps: width = factor × hidden size, TopK k, Adam steps of our SAE.
     n_features: safety latents kept. n_positions: last prompt positions (generation header included) compared.
@@ -35,7 +30,7 @@ class CWACConfig(DefenseConfig):
     lam: float = 0.5
     energy: float = 0.9
     target_modules: list[str] | None = None
-    layers: list[int] | None = None
+    layers: list[int] | str | None = None
     sae_layer: int | None = None
     sae_path: str | None = None
     sae_width_factor: int = 8
@@ -52,13 +47,12 @@ class CWACConfig(DefenseConfig):
     def __post_init__(self) -> None:
         for f in ("weight", "activation", "causal_check"):
             if not isinstance(getattr(self, f), bool):
-                _fail(f, getattr(self, f), "true or false")
-        if not isinstance(self.lam, (int, float)) or isinstance(self.lam, bool) or self.lam < 0:
-            _fail("lam", self.lam, "a number ≥ 0")
-        if not isinstance(self.energy, (int, float)) or not 0.0 < float(self.energy) < 1.0:
-            _fail("energy", self.energy, "a number in (0, 1)")
-        if not isinstance(self.benign_fraction, (int, float)) or not 0.0 <= float(self.benign_fraction) < 1.0:
-            _fail("benign_fraction", self.benign_fraction, "a number in [0, 1)")
+                raise config_error("cwac", f, getattr(self, f), "true or false")
+        self.lam = check_number("cwac", "lam", self.lam, lo=0)
+        self.energy = check_number("cwac", "energy", self.energy, lo=0, hi=1, open_lo=True, open_hi=True)
+        self.benign_fraction = check_number(
+            "cwac", "benign_fraction", self.benign_fraction, lo=0, hi=1, open_hi=True
+        )
         ints = {
             "sae_width_factor": 1,
             "sae_k": 1,
@@ -70,32 +64,31 @@ class CWACConfig(DefenseConfig):
             "max_new_tokens_anchor_check": 1,
         }
         for f, lo in ints.items():
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                _fail(f, v, f"an integer ≥ {lo}")
+            check_int("cwac", f, getattr(self, f), lo)
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [self.target_modules]
             if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
-                _fail(
+                raise config_error(
+                    "cwac",
                     "target_modules",
                     self.target_modules,
                     "a non-empty list of module names like ['down_proj']",
                 )
             self.target_modules = list(self.target_modules)
-        if self.layers is not None:
+        if isinstance(self.layers, str):
+            if self.layers != "all":
+                raise config_error("cwac", "layers", self.layers, 'a list of 0-based layer indices or "all"')
+        elif self.layers is not None:
             if not self.layers or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers
             ):
-                _fail("layers", self.layers, "a non-empty list of 0-based layer indices")
+                raise config_error("cwac", "layers", self.layers, "a non-empty list of 0-based layer indices")
             self.layers = sorted(set(self.layers))
-        if self.sae_layer is not None and (not isinstance(self.sae_layer, int) or self.sae_layer < 0):
-            _fail("sae_layer", self.sae_layer, "a 0-based layer index")
+        if self.sae_layer is not None:
+            check_int("cwac", "sae_layer", self.sae_layer, 0)
         if self.sae_path is not None and not isinstance(self.sae_path, str):
-            _fail("sae_path", self.sae_path, "a folder path (SAELens format)")
-        self.lam = float(self.lam)
-        self.energy = float(self.energy)
-        self.benign_fraction = float(self.benign_fraction)
+            raise config_error("cwac", "sae_path", self.sae_path, "a folder path (SAELens format)")
 
 
 @dataclass

@@ -269,6 +269,8 @@ class CWAC(Defense):
             width = max(1, n_layers // 2)
             start = (n_layers - width) // 2
             return list(range(start, start + width))
+        if cfg.layers == "all":
+            return list(range(n_layers))
         bad = [i for i in cfg.layers if i >= n_layers]
         if bad:
             raise SafeFTError(
