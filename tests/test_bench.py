@@ -293,6 +293,27 @@ def test_rows_ratios_tables_and_plot_from_finished_cells(tmp_path):
     assert "safeft bench --preset mini" in md and "wall time" in md
 
 
+def test_variant_rows_join_the_ablation_grouped_by_label(tmp_path):
+    text = MINI.replace("defenses: [cwac, sft, cwac-weight, pact]", "defenses: [sft, cwac, cwac@x, cwac-weight@x]")
+    text += "  cwac@x: {lam: 5.0}\n  cwac-weight@x: {lam: 5.0}\n"
+    pre = load_preset(_write_preset(tmp_path, text))
+    out = tmp_path / "res"
+    cells = plan_cells(pre, out)
+    by = {c.id: c for c in cells}
+    _fake_cell(out, by["aligned"], 2.0, 50.0)
+    _fake_cell(out, by["p0.1-sft-s0"], 80.0, 90.0, step=2.0, mem=1000.0)
+    _fake_cell(out, by["p0.1-cwac-s0"], 40.0, 89.0, step=2.1, mem=1020.0)
+    _fake_cell(out, by["p0.1-cwac@x-s0"], 6.0, 88.0, step=2.2, mem=1020.0)
+    _fake_cell(out, by["p0.1-cwac-weight@x-s0"], 30.0, 87.0, step=2.0, mem=1000.0)
+    write_reports(pre, cells, out, command="safeft bench --preset mini", wall_seconds=1.0)
+    md = (out / "results.md").read_text()
+    abl = md[md.index("## Ablation") :]
+    order = [abl.index(f"| 0.1 | {v} |") for v in ("sft", "cwac", "cwac-weight@x", "cwac@x")]
+    assert order == sorted(order)
+    assert "| 0.1 | cwac@x | ✓ | ✓ | 6.0" in abl and "| 0.1 | cwac-weight@x | ✓ |  | 30.0" in abl
+    assert "| cwac@x | 6.0 [1.0, 11.0] |" in md  # its own row in the p table
+
+
 def test_stale_cell_is_reported_not_run(tmp_path):
     pre = load_preset(_write_preset(tmp_path, MINI))
     out = tmp_path / "res"

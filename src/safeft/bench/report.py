@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from safeft.bench.preset import ALIGNED, Cell, Preset, cell_config, config_hash, expand_vars
+from safeft.bench.preset import ALIGNED, Cell, Preset, cell_config, config_hash, expand_vars, split_variant
 from safeft.bench.runner import _fmt_s, cell_command, read_json
 from safeft.errors import SafeFTError
 from safeft.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -254,7 +254,16 @@ def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, 
         lines += [line(r) for r in aligned]
         lines += [line(r) for r in rows if r["p"] == p]
         lines.append("")
-    variants = [v for v in ABLATION if any(r["defense"] == v for r in rows)]
+    # the ablation rows: sft and the CWAC family, plain and as labelled variants (cwac@x, cwac-weight@x, ...),
+    # grouped by label so that each setting's weight-only / activation-only / both sit together
+    present = list(dict.fromkeys(r["defense"] for r in rows))
+    labels = list(dict.fromkeys(split_variant(d)[1] for d in present if split_variant(d)[0] in ABLATION))
+    variants = [
+        v
+        for label in labels
+        for base in ABLATION
+        if (v := base if label is None else f"{base}@{label}") in present and not (base == "sft" and label)
+    ]
     if any(v.startswith("cwac") for v in variants):
         al = next((r for r in aligned if r["status"] == "ok"), None)
         lines += [
@@ -284,7 +293,7 @@ def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, 
                     d_fa = (
                         r["fa"] - sft["fa"] if sft and sft["fa"] is not None and r["fa"] is not None else None
                     )
-                    w, a = flags[v]
+                    w, a = flags[split_variant(v)[0]]
                     lines.append(
                         f"| {p:g} | {v} | {w} | {a} | {_pct_ci(r['hs'], r['hs_ci'])} | {_pct_ci(r['fa'], r['fa_ci'])} "
                         f"| {_num(d_hs, '{:+.1f}')} | {_num(d_fa, '{:+.1f}')} | {_num(r['step_time_ratio_vs_sft'], '{:.2f}')} |"
