@@ -190,8 +190,18 @@ def test_refuses_constraint_on_untrained_modules(tiny_tokenizer, tmp_path):
         "2.self_attn.q_proj",
         "2.self_attn.v_proj",
     ]
+    # the default leaves layer 3 of 4 under neither constraint (outside layers 1–2, above the SAE layer 2): said
+    logs: list[str] = []
+    d4 = make(CWACConfig(**SMALL))
+    d4.log = logs.append
+    d4.prepare(model, ctx_for(tiny_tokenizer, tmp_path))
+    assert any("layers 3 are trained but under neither constraint" in x and "layers: all" in x for x in logs), logs
     # layers: "all" constrains every trained module of every layer
-    s3 = make(CWACConfig(activation=False, layers="all")).prepare(model, ctx_for(tiny_tokenizer, tmp_path))
+    d3 = make(CWACConfig(activation=False, layers="all"))
+    d3.log = logs.append
+    logs.clear()
+    s3 = d3.prepare(model, ctx_for(tiny_tokenizer, tmp_path))
+    assert not any("neither constraint" in x for x in logs)
     assert sorted(s3["subspace"]["ranks"]) == [
         f"{i}.self_attn.{m}" for i in range(4) for m in ("q_proj", "v_proj")
     ]

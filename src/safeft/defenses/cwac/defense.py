@@ -39,6 +39,18 @@ _COV_BUDGET_BYTES = 4 * 2**30  # float64 covariances held at once while capturin
 
 
 # ---- small helpers ----------------------------------------------------------------------------------------------
+def _ranges(idx: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] → "0–2, 5, 7–8"."""
+    out, start = [], None
+    for k, i in enumerate(idx):
+        if start is None:
+            start = i
+        if k + 1 == len(idx) or idx[k + 1] != i + 1:
+            out.append(str(start) if start == i else f"{start}–{i}")
+            start = None
+    return ", ".join(out)
+
+
 def _norm(text: str) -> str:
     try:
         from safeft.data import normalize_text
@@ -223,6 +235,14 @@ class CWAC(Defense):
                 f"defense.cwac.sae_layer={sae_layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})"
             )
         modules = self._resolve_modules(m, layers, chosen, ctx.use_lora) if cfg.weight else {}
+        free = self.unconstrained_layers(layers, chosen, sae_layer, ctx.use_lora)
+        if free:
+            self.log(
+                f"CWAC warning: layers {_ranges(free)} are trained but under neither constraint (weight constraint: "
+                f"layers {_ranges(chosen) if cfg.weight else 'none'}; the activation term reads layer "
+                f"{sae_layer if cfg.activation else '(off)'} and only reaches the layers before it). On the tiny "
+                f"benchmark at p = 0.2 this let HS reach 96%; set defense.cwac.layers: all to cover them"
+            )
         store = None
         if ctx.artifacts_dir is not None:
             from safeft.artifacts import ArtifactStore
@@ -262,6 +282,23 @@ class CWAC(Defense):
         self.summary = summary
         self._print_summary(summary)
         return summary
+
+    def unconstrained_layers(
+        self, layers: nn.ModuleList, chosen: list[int], sae_layer: int, use_lora: bool
+    ) -> list[int]:
+        """Layers with trained parameters that neither constraint touches: outside the weight constraint's layers
+        and (activation term on) above the SAE layer, whose output the activation term cannot see."""
+        cfg = self.config
+        covered = set(chosen) if cfg.weight else set()
+        if cfg.activation:
+            covered |= set(range(sae_layer + 1))
+        out = []
+        for i, block in enumerate(layers):
+            if i in covered:
+                continue
+            if any(self._trained(mod, use_lora) for mod in self._linear_children(block).values()):
+                out.append(i)
+        return out
 
     def _resolve_layers(self, n_layers: int) -> list[int]:
         cfg = self.config
