@@ -78,7 +78,7 @@ defense_options:
 
 def test_shipped_presets_plan_and_validate(tmp_path):
     tiny = plan_cells(load_preset("tiny"), tmp_path)
-    assert len(tiny) == 19 and tiny[0].id == "aligned" and tiny[0].kind == "eval"
+    assert len(tiny) == 23 and tiny[0].id == "aligned" and tiny[0].kind == "eval"
     assert [c.defense for c in tiny[1:3]] == ["sft", "cwac"]  # sft first: the reference of the cost ratios
     assert not any(c.skip for c in tiny)  # tiny has θ_b
     for c in tiny:  # every cell's config validates (values, ranges, defense options)
