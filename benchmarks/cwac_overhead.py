@@ -37,7 +37,7 @@ def _train(defense: str, out: Path, args: argparse.Namespace, artifacts: Path) -
         "--set", "data.max_length=128",
     ]
     if defense.startswith("cwac"):
-        cmd += ["--set", f"defense.options.{defense}={{n_anchor: 60, sae_steps: 300}}"]
+        cmd += ["--set", f"defense.options.{defense}={args.options}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -59,6 +59,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--defense", default="cwac", help="the defense to compare with sft")
+    p.add_argument(
+        "--options",
+        default="{n_anchor: 60, sae_steps: 300}",
+        help="the CWAC options (YAML mapping), e.g. '{n_anchor: 60, sae_steps: 300, layers: all}'",
+    )
     p.add_argument("--out", default=str(HERE / "results" / "cwac_overhead.json"))
     args = p.parse_args()
     pairs = []
@@ -79,7 +84,7 @@ def main() -> None:
     result = {
         "command": "python benchmarks/cwac_overhead.py " + " ".join(sys.argv[1:]),
         "model": args.model, "task": args.task, "n": args.n, "p": args.p, "steps": args.steps,
-        "defense": args.defense,
+        "defense": args.defense, "options": args.options,
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
         "pairs": pairs,
