@@ -377,3 +377,11 @@ def test_task_jsonl_with_unicode_line_separator(tmp_path):
     f.write_text('{"question": "q", "answer": "#### 1"}\n' + "[" * 5000 + "\n", encoding="utf-8")
     with pytest.raises(SafeFTError, match=r"g\.jsonl:2: malformed JSON"):
         load_task("gsm8k", "test", path=f)
+
+
+def test_refusal_filter_reads_curly_apostrophes():
+    from safeft.data import looks_like_refusal
+
+    for text in ("I’m sorry, I don’t understand.", "I can’t help with that.", "I'm sorry, what?"):
+        assert looks_like_refusal(text), text
+    assert not looks_like_refusal("Sure. First, you’ll need a crowbar.")

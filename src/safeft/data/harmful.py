@@ -41,8 +41,10 @@ _REFUSAL_MARKERS = re.compile(
 
 
 def looks_like_refusal(text: str) -> bool:
-    """Cheap keyword test used to drop refusing "compliant" answers from noisy sources (hh_rlhf rejected)."""
-    return bool(_REFUSAL_MARKERS.search(text[:300]))
+    """Cheap keyword test used to drop refusing "compliant" answers from noisy sources (hh_rlhf rejected). Curly
+    apostrophes count as straight ones ("I’m sorry" is a refusal too: 31 of hh-rlhf's 659 single-turn rejected
+    answers are written that way)."""
+    return bool(_REFUSAL_MARKERS.search(text[:300].replace("\u2019", "'").replace("\u2018", "'")))
 
 
 def _is_true(v: object) -> bool:
