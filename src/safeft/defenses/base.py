@@ -55,7 +55,9 @@ def check_number(
     """``float(value)`` if it is a finite number within the bounds (``open_*``: bound excluded), else a
     :func:`config_error` whose rule reads like "a number in (0, 1)" or "a number ≥ 0"; ``note`` is appended."""
     if lo is not None and hi is not None:
-        rule = f"a number in {'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+        from safeft.config import _fmt_range  # the interval notation config keys use
+
+        rule = f"a number in {_fmt_range(lo, hi, not open_lo, not open_hi)}"
     elif lo is not None:
         rule = f"a number {'>' if open_lo else '≥'} {lo:g}"
     elif hi is not None:
