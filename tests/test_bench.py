@@ -78,17 +78,20 @@ defense_options:
 
 def test_shipped_presets_plan_and_validate(tmp_path):
     tiny = plan_cells(load_preset("tiny"), tmp_path)
-    assert len(tiny) == 23 and tiny[0].id == "aligned" and tiny[0].kind == "eval"
+    assert len(tiny) == 19 and tiny[0].id == "aligned" and tiny[0].kind == "eval"
     assert [c.defense for c in tiny[1:3]] == ["sft", "cwac"]  # sft first: the reference of the cost ratios
     assert not any(c.skip for c in tiny)  # tiny has θ_b
     for c in tiny:  # every cell's config validates (values, ranges, defense options)
         cfg = cell_config(c, tmp_path / c.id)
         assert cfg["data"]["harmful_source"] == "hh_rlhf" and cfg["eval"]["harmful_source"] == "harmbench"
+        if c.defense in ("cwac", "cwac-weight"):  # the setting chosen on validation prompts (cwac-tune)
+            assert cfg["defense"]["options"][c.defense]["layers"] == "all"
     small = plan_cells(load_preset("small"), tmp_path)
     skipped = {c.defense: c.skip for c in small if c.skip}
     assert set(skipped) == {"pact", "asft", "safelora"}
     assert all("θ_b" in r for r in skipped.values())
-    for name in ("tiny-val", "cwac-tune"):  # tuning presets never see the test prompts
+    assert {cell_config(c, tmp_path)["data"]["harmful_source"] for c in small if not c.skip} == {"advbench"}
+    for name in ("small-attack", "small-cwac-tune", "tiny-val", "cwac-tune"):  # tuning presets: no test prompts
         val = plan_cells(load_preset(name), tmp_path)
         assert all(cell_config(c, tmp_path)["eval"]["harmful_source"] == "harmbench_val" for c in val)
     tune = {c.defense: cell_config(c, tmp_path)["defense"]["options"] for c in val if c.kind == "train"}
