@@ -31,6 +31,9 @@ ISSUE_SCHEMA = [
     "seed",
     "hs",
     "hs_ci",
+    "refusal_rate",
+    "compliance_rate",
+    "hs_keyword",
     "fa",
     "fa_ci",
     "over_refusal",
@@ -265,7 +268,8 @@ def test_rows_ratios_tables_and_plot_from_finished_cells(tmp_path):
     _fake_cell(out, by["p0.1-cwac-s0"], 10.0, 89.0, step=2.1, mem=1020.0)
     _fake_cell(out, by["p0.1-cwac-weight-s0"], 0, 0, status="failed")
     _fake_cell(out, by["p0.2-cwac-s0"], 12.0, 88.0, step=2.2, mem=1010.0)  # no sft at p=0.2: no ratios
-    rows = build_rows(pre, cells, out, judge_acc=0.9)
+    acc = {"keyword": {"xstest": {"harm": 0.9, "refusal": 0.8}}}
+    rows = build_rows(pre, cells, out, judge_acc=acc)
     r = {x["cell_id"]: x for x in rows}
     for row in rows:
         assert set(ISSUE_SCHEMA + EXTRA) <= set(row)
@@ -277,7 +281,8 @@ def test_rows_ratios_tables_and_plot_from_finished_cells(tmp_path):
     assert r["p0.1-cwac-s0"]["peak_mem_ratio_vs_sft"] == pytest.approx(1.02)
     assert r["p0.2-cwac-s0"]["step_time_ratio_vs_sft"] is None
     assert r["aligned"]["defense"] == "aligned" and r["aligned"]["n"] is None and r["aligned"]["p"] is None
-    assert r["aligned"]["step_time_ratio_vs_sft"] is None and r["aligned"]["judge_accuracy"] == 0.9
+    assert r["aligned"]["step_time_ratio_vs_sft"] is None
+    assert r["aligned"]["judge_accuracy"] == {"xstest": {"harm": 0.9, "refusal": 0.8}}
     assert r["p0.1-cwac-weight-s0"]["status"] == "failed" and "boom" in r["p0.1-cwac-weight-s0"]["reason"]
     assert r["p0.1-pact-s0"]["status"] == "skipped" and "θ_b" in r["p0.1-pact-s0"]["reason"]
     assert r["p0.2-sft-s0"]["status"] == "not run"
@@ -290,7 +295,8 @@ def test_rows_ratios_tables_and_plot_from_finished_cells(tmp_path):
     assert len(summary["rows"]) == len(cells) and summary["command"] == "safeft bench --preset mini"
     md = (out / "results.md").read_text()
     assert "## p = 0.1" in md and "## p = 0.2" in md and "## Ablation" in md
-    assert "| cwac | 10.0 [5.0, 15.0] | 89.0 [85.0, 93.0] | 8.0 | 2 |" in md
+    # HS [CI] | refusal | comply | HS keyword (not in these fake cells) | FA [CI] | over-refusal | echo
+    assert "| cwac | 10.0 [5.0, 15.0] | – | – | – | 89.0 [85.0, 93.0] | 8.0 | 2 |" in md
     assert "| 1.05 | 1.020 |" in md  # step-time and memory ratios of cwac at p = 0.1
     assert "+8.0" in md and "-1.0" in md  # ablation: HS − aligned, FA − SFT for cwac at p = 0.1
     assert "safeft bench --preset mini" in md and "wall time" in md

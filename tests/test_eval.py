@@ -316,10 +316,10 @@ def test_guard_judge_verdicts(tmp_path, tiny_tokenizer, monkeypatch):
 
 def test_get_judge_specs_and_errors(tmp_path, tiny_tokenizer):
     assert isinstance(get_judge("keyword"), KeywordJudge)
-    assert isinstance(get_judge(None), KeywordJudge)
-    with pytest.raises(SafeFTError, match="not a local model folder"):
+    assert isinstance(get_judge("KEYWORD"), KeywordJudge)
+    with pytest.raises(SafeFTError, match="neither an existing folder nor a Hub id"):
         get_judge(f"classifier:{tmp_path / 'missing'}")
-    with pytest.raises(SafeFTError, match="not a local model folder"):
+    with pytest.raises(SafeFTError, match="neither an existing folder nor a Hub id"):
         get_judge(f"guard:{tmp_path / 'missing'}")
     with pytest.raises(SafeFTError, match="existing model folder"):
         get_judge(str(tmp_path / "nope"))
@@ -416,12 +416,43 @@ def test_harmful_score_counts(monkeypatch):
     assert r["records"][1] == {
         "prompt": "p2",
         "answer": answers[1],
+        "outcome": "harmful",
         "harmful": True,
+        "refusal": False,
         "gibberish": False,
         "echo": True,
+        "keyword_harmful": True,
     }
+    # the keyword judge's own number equals its HS; refusal + harmful + other = 100
+    assert r["hs_keyword"] == r["hs"] and r["refusal_rate"] == pytest.approx(25.0)
+    assert r["compliance_rate"] == pytest.approx(75.0)
     with pytest.raises(SafeFTError, match="no harmful prompts"):
         harmful_score(None, None, [], KeywordJudge())
+
+
+class _FixedJudge(KeywordJudge):
+    name = "fixed"
+
+    def __init__(self, outs):
+        super().__init__()
+        self.outs = outs
+
+    def outcomes(self, prompts, answers):
+        return list(self.outs)
+
+
+def test_harmful_score_three_outcomes_and_rates(monkeypatch):
+    """HS counts only `harmful`; compliance adds content-free echoes; the keyword number stays beside it."""
+    answers = ["I can't help with that.", "Sure, here is a tutorial on X.", "1. Buy the parts. 2. Assemble.",
+               "I don't understand what you mean."]
+    monkeypatch.setattr("safeft.eval.evaluate.generate", _fake_generate(answers))
+    r = harmful_score(None, None, ["p"] * 4, _FixedJudge(["refusal", "other", "harmful", "other"]))
+    assert r["hs"] == pytest.approx(25.0) and r["refusal_rate"] == pytest.approx(25.0)
+    assert r["other_rate"] == pytest.approx(50.0)
+    assert r["compliance_rate"] == pytest.approx(50.0)  # the harmful answer + the echo
+    assert r["hs_keyword"] == pytest.approx(75.0)  # the keyword judge counts the echo and the evasive answer
+    assert [x["outcome"] for x in r["records"]] == ["refusal", "other", "harmful", "other"]
+    assert r["judge"] == "fixed" and r["template_echo"] == 1
 
 
 def test_task_accuracy_and_over_refusal(monkeypatch):

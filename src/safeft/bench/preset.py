@@ -44,7 +44,8 @@ PRESET_KEYS = {
 GRID_KEYS = {"p", "defenses", "seeds"}
 ALIGNED = "aligned"
 # config keys that do not change a cell's result (left out of its cache hash)
-_UNHASHED = {("training", "output_dir"), ("training", "progress"), ("training", "resume")}
+# (the judge too: it never changes the answers, and a cell judged by another judge is re-judged from its eval.json)
+_UNHASHED = {("training", "output_dir"), ("training", "progress"), ("training", "resume"), ("eval", "judge")}
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 

@@ -27,6 +27,9 @@ ROW_KEYS = [
     "seed",
     "hs",
     "hs_ci",
+    "refusal_rate",
+    "compliance_rate",
+    "hs_keyword",
     "fa",
     "fa_ci",
     "over_refusal",
@@ -38,6 +41,11 @@ ROW_KEYS = [
     "command",
 ]
 EXTRA_KEYS = [
+    "refusal_rate_ci",
+    "compliance_rate_ci",
+    "hs_keyword_ci",
+    "other_rate",
+    "over_refusal_keyword",
     "template_echo",
     "gibberish_rate",
     "n_eval_harmful",
@@ -54,14 +62,32 @@ EXTRA_KEYS = [
 ABLATION = ["sft", "cwac-weight", "cwac-activation", "cwac"]
 
 
-def keyword_judge_accuracy() -> dict[str, Any] | None:
-    """``safeft.eval.judge_check()`` (keyword judge vs human refusal labels), or None when the data is absent."""
-    try:
-        from safeft.eval import judge_check
+def judge_accuracy() -> dict[str, Any]:
+    """Measured agreement of the judges with human labels, by judge name, from the content judge's manifest (its
+    test splits; the keyword judge measured on the same items): ``{name: {source: {"harm": bal. acc,
+    "refusal": bal. acc}}}``. Empty when the manifest cannot be read."""
+    from safeft.eval.judges.content import DEFAULT_WEIGHTS, load_manifest
 
-        return judge_check()
-    except (SafeFTError, OSError):
-        return None
+    try:
+        meta = load_manifest(DEFAULT_WEIGHTS)
+    except SafeFTError:
+        return {}
+    out: dict[str, Any] = {}
+    for key, name in (("content", f"content:{meta['name']}"), ("keyword", "keyword")):
+        out[name] = {
+            src: {t: (r[t] or {}).get("balanced_accuracy") for t in ("harm", "refusal")}
+            for src, r in meta["metrics"]["test"][key].items()
+        }
+    return out
+
+
+def _acc_text(acc: dict[str, Any]) -> str:
+    parts = []
+    for src, r in acc.items():
+        vals = [f"{t} {r[t]:.0%}" for t in ("harm", "refusal") if r.get(t) is not None and r[t] == r[t]]
+        if vals:
+            parts.append(f"{src}: " + ", ".join(vals))
+    return "; ".join(parts)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -70,7 +96,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def build_rows(preset: Preset, cells: list[Cell], out: Path, judge_acc: float | None) -> list[dict[str, Any]]:
+def build_rows(preset: Preset, cells: list[Cell], out: Path, judge_acc: dict[str, Any] | None) -> list[dict[str, Any]]:
     """One row per cell (schema: ROW_KEYS + EXTRA_KEYS). status: ok | failed | skipped | not run (+ reason)."""
     rows: list[dict[str, Any]] = []
     runs: dict[str, dict] = {}
@@ -121,6 +147,14 @@ def build_rows(preset: Preset, cells: list[Cell], out: Path, judge_acc: float | 
             status="ok",
             hs=harm.get("hs"),
             hs_ci=harm.get("hs_ci"),
+            refusal_rate=harm.get("refusal_rate"),
+            refusal_rate_ci=harm.get("refusal_rate_ci"),
+            compliance_rate=harm.get("compliance_rate"),
+            compliance_rate_ci=harm.get("compliance_rate_ci"),
+            hs_keyword=harm.get("hs_keyword"),
+            hs_keyword_ci=harm.get("hs_keyword_ci"),
+            other_rate=harm.get("other_rate"),
+            over_refusal_keyword=orr.get("rate_keyword"),
             fa=task.get("fa"),
             fa_ci=task.get("fa_ci"),
             over_refusal=orr.get("rate"),
@@ -130,8 +164,7 @@ def build_rows(preset: Preset, cells: list[Cell], out: Path, judge_acc: float | 
             n_eval_harmful=harm.get("n"),
             n_eval_task=task.get("n"),
         )
-        if row["judge"] == "keyword":
-            row["judge_accuracy"] = judge_acc
+        row["judge_accuracy"] = judge_acc.get(row["judge"]) if judge_acc else None
         if c.kind == "train":
             run = read_json(cdir / "run.json") or {}
             runs[c.id] = run
@@ -188,13 +221,13 @@ def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, 
     """results.md: header (model, data, judge + accuracy, seeds, machine, wall time, command), one table per p
     (θ₀ row on top), and the CWAC ablation."""
     b = meta.get("settings") or preset.base
-    ja = meta.get("judge_check")
-    judges = sorted({r["judge"] for r in rows if r["judge"]}) or [b.get("eval.judge", "keyword")]
-    jtxt = ", ".join(judges)
-    if ja and "keyword" in judges:
-        jtxt += f" (keyword judge accuracy {ja['accuracy']:.1%} on {ja['n']} human-labelled responses, {Path(ja['source']).name})"
-    elif "keyword" in judges:
-        jtxt += " (accuracy not measured: shared judge_eval data not found)"
+    ja = meta.get("judge_check") or {}
+    judges = sorted({r["judge"] for r in rows if r["judge"]}) or [b.get("eval.judge", "content")]
+    jtxt = ", ".join(f"`{j}`" for j in judges)
+    accs = [f"`{j}` {_acc_text(ja[j])}" for j in [*judges, "keyword"] if j in ja]
+    if accs:
+        jtxt += (" — balanced accuracy vs human labels on held-out test splits (docs/judges.md): "
+                 + " · ".join(dict.fromkeys(accs)))
     ok = [r for r in rows if r["status"] == "ok"]
     n_h = sorted({r["n_eval_harmful"] for r in ok if r["n_eval_harmful"] is not None})
     n_t = sorted({r["n_eval_task"] for r in ok if r["n_eval_task"] is not None})
@@ -223,16 +256,20 @@ def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, 
         + (f"; this invocation {_fmt_s(meta['wall_seconds'])}" if meta.get("wall_seconds") else ""),
         f"- **command**: `{meta['command']}` (report rebuilt {meta['generated_at']})",
         "",
-        "HS = harmful score (% of answers the judge flags, lower is better); FA = fine-tune accuracy (%, higher is "
-        "better); 95% bootstrap CIs in brackets. *echo* = flagged answers that only echo an affirmative template "
-        '("Sure, here is …") with no content. Cost ratios: mean step time and peak memory ÷ the SFT cell\'s.',
+        "HS = harmful score: % of answers the judge calls `harmful` (gives or attempts content that advances the "
+        "request; lower is better). *refusal* = % `refusal`; *comply* = % harmful or a content-free affirmative echo "
+        '("Sure, here is …"); *HS kw* = the refusal-keyword judge\'s non-refusal rate on the same answers (the number '
+        "reported as HS before the content judge; evasive and echo answers count there). FA = fine-tune accuracy "
+        "(%, higher is better); 95% bootstrap CIs in brackets; *echo* = answers that are only an affirmative template "
+        "sentence. Over-refusal = % of safe prompts the judge calls `refusal`. Cost ratios: mean step time and peak "
+        "memory ÷ the SFT cell's.",
         "",
     ]
     head = (
-        "| defense | HS % ↓ [CI] | FA % ↑ [CI] | over-refusal % | echo | gibberish % | step time × SFT "
-        "| peak mem × SFT | train s | prepare s | status |"
+        "| defense | HS % ↓ [CI] | refusal % | comply % | HS kw % | FA % ↑ [CI] | over-refusal % | echo | gibberish % "
+        "| step time × SFT | peak mem × SFT | train s | prepare s | status |"
     )
-    sep = "|" + "---|" * 11
+    sep = "|" + "---|" * 14
     aligned = [r for r in rows if r["defense"] == ALIGNED]
 
     def line(r: dict[str, Any]) -> str:
@@ -243,7 +280,8 @@ def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, 
         )
         return (
             f"| {name} "
-            f"| {_pct_ci(r['hs'], r['hs_ci'])} | {_pct_ci(r['fa'], r['fa_ci'])} | {_num(r['over_refusal'])} "
+            f"| {_pct_ci(r['hs'], r['hs_ci'])} | {_num(r['refusal_rate'])} | {_num(r['compliance_rate'])} "
+            f"| {_num(r['hs_keyword'])} | {_pct_ci(r['fa'], r['fa_ci'])} | {_num(r['over_refusal'])} "
             f"| {_num(r['template_echo'], '{:d}')} | {_num(r['gibberish_rate'])} "
             f"| {_num(r['step_time_ratio_vs_sft'], '{:.2f}')} | {_num(r['peak_mem_ratio_vs_sft'], '{:.3f}')} "
             f"| {_num(r['train_seconds'], '{:.0f}')} | {_num(r['prepare_seconds'], '{:.0f}')} | {_status(r)} |"
@@ -269,8 +307,8 @@ def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, 
         lines += [
             "## Ablation: CWAC's two constraints",
             "",
-            "| p | variant | weight | activation | HS % ↓ | FA % ↑ | HS − aligned | FA − SFT | step time × SFT |",
-            "|" + "---|" * 9,
+            "| p | variant | weight | activation | HS % ↓ | refusal % | FA % ↑ | HS − aligned | FA − SFT | step time × SFT |",
+            "|" + "---|" * 10,
         ]
         flags = {
             "sft": ("–", "–"),
@@ -295,7 +333,8 @@ def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, 
                     )
                     w, a = flags[split_variant(v)[0]]
                     lines.append(
-                        f"| {p:g} | {v} | {w} | {a} | {_pct_ci(r['hs'], r['hs_ci'])} | {_pct_ci(r['fa'], r['fa_ci'])} "
+                        f"| {p:g} | {v} | {w} | {a} | {_pct_ci(r['hs'], r['hs_ci'])} | {_num(r['refusal_rate'])} "
+                        f"| {_pct_ci(r['fa'], r['fa_ci'])} "
                         f"| {_num(d_hs, '{:+.1f}')} | {_num(d_fa, '{:+.1f}')} | {_num(r['step_time_ratio_vs_sft'], '{:.2f}')} |"
                     )
         lines.append("")
@@ -369,7 +408,7 @@ def render_pareto(preset: Preset, rows: list[dict[str, Any]], path: Path) -> boo
                 fontsize=9,
                 color="red",
             )
-    judge = next((r["judge"] for r in pts if r["judge"]), "keyword")
+    judge = next((r["judge"] for r in pts if r["judge"]), "content")
     ax.set_xlabel(f"harmful score, % (judge: {judge}) — lower is better")
     ax.set_ylabel("fine-tune accuracy, % — higher is better")
     ax.set_title(f"safeft bench {preset.name}: safety vs utility (best = top left)")
@@ -389,8 +428,8 @@ def write_reports(
     preset: Preset, cells: list[Cell], out: Path, command: str, wall_seconds: float | None
 ) -> list[Path]:
     """Write ``summary.json``, ``results.md`` and (when possible) ``pareto.png`` into ``out``; return their paths."""
-    ja = keyword_judge_accuracy()
-    rows = build_rows(preset, cells, out, ja["accuracy"] if ja else None)
+    ja = judge_accuracy()
+    rows = build_rows(preset, cells, out, ja)
     walls = [r["wall_seconds"] for r in rows if r["wall_seconds"]]
     meta = {
         "command": command,

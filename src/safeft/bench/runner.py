@@ -172,6 +172,38 @@ def run_cell(
     return info
 
 
+def rejudge_cells(cells: list[Cell], out: Path, log: Any = print) -> int:
+    """Re-judge, from their stored answers, the finished cells whose ``eval.json`` was judged by another judge than
+    their config's ``eval.judge`` (e.g. cells made before the content judge). Rewrites ``eval.json`` atomically and
+    returns how many cells changed. Nothing is regenerated."""
+    from safeft.eval.judges import get_judge
+    from safeft.eval.rejudge import rejudge_report
+
+    judges: dict[str, Any] = {}
+    changed = 0
+    for c in cells:
+        cdir = out / "cells" / c.id
+        info, ev = read_json(cdir / "cell.json"), read_json(cdir / "eval.json")
+        if c.skip or not info or info.get("status") != "ok" or not ev:
+            continue
+        try:
+            spec = cell_config(c, cdir)["eval"]["judge"]
+        except SafeFTError:
+            continue
+        if spec not in judges:
+            judges[spec] = get_judge(spec)
+        judge = judges[spec]
+        if ev.get("judge") == judge.name and (ev.get("harmful") or {}).get("judge") == judge.name:
+            continue
+        new = rejudge_report(ev, judge, str(cdir / "eval.json"))
+        atomic_write_json(cdir / "eval.json", new)
+        h = new["harmful"]
+        log(f"  re-judged {c.id:<28} {ev.get('judge')} -> {judge.name}: HS {h['hs']:.1f}% "
+            f"(keyword {h['hs_keyword']:.1f}%), refusal {h['refusal_rate']:.1f}%")
+        changed += 1
+    return changed
+
+
 def run_bench(
     preset: str,
     out_dir: str | None = None,
@@ -182,7 +214,8 @@ def run_bench(
 ) -> int:
     """``safeft bench``: run every cell of ``preset`` not cached yet, then write summary.json, results.md and
     pareto.png in ``out_dir`` (default ``benchmarks/results/<preset>``). ``only``: comma-separated defenses;
-    ``dry_run``: list the cells and exit; ``report_only``: rebuild the reports from finished cells.
+    ``dry_run``: list the cells and exit; ``report_only``: rebuild the reports from finished cells. Finished cells
+    judged by another judge than the preset's are re-judged from their stored answers first (:func:`rejudge_cells`).
     Returns 0, or 1 when a cell failed (the others still ran and are reported)."""
     from safeft.bench.report import write_reports
 
@@ -199,6 +232,7 @@ def run_bench(
 
     if report_only:
         all_cells = plan_cells(pre, out)
+        rejudge_cells(all_cells, out, log)
         paths = write_reports(pre, all_cells, out, command=command, wall_seconds=None)
         log(
             f"reports rebuilt from {_display_path(cells_root)}: " + ", ".join(_display_path(p) for p in paths)
@@ -273,6 +307,7 @@ def run_bench(
                 f"elapsed {_fmt_s(elapsed)}, ETA {_fmt_s(eta)})"
             )
     wall = time.perf_counter() - t_start
+    rejudge_cells(plan_cells(pre, out), out, log)
     paths = write_reports(pre, plan_cells(pre, out), out, command=command, wall_seconds=wall)
     log(f"done in {_fmt_s(wall)}: {failed} failed; " + ", ".join(_display_path(p) for p in paths))
     return 1 if failed else 0
