@@ -214,3 +214,23 @@ def test_judge_cli_bad_jsonl_and_modes(tmp_path, capsys):
     assert "file not found" in capsys.readouterr().err
     assert main(["judge", "--check", "--labelled", str(tmp_path / "nope.csv"), "--judge", "keyword"]) == 2
     assert "nope.csv: file not found" in capsys.readouterr().err
+
+
+def test_vectorised_threshold_search_matches_the_selection_rule():
+    import random
+
+    import torch
+
+    from safeft.eval.judges.content import decide
+    from safeft.judge.labelled import Item
+    from safeft.judge.train import choose_thresholds, per_source
+
+    rng = random.Random(0)
+    items = []
+    for i in range(300):
+        harm = rng.choice([0, 1, None])
+        ref = 0 if harm == 1 else rng.choice([0, 1, None])
+        items.append(Item(rng.choice(["a", "b"]), "k", str(i), "p", "x", harm, ref))
+    ph, pr = torch.rand(300, generator=torch.Generator().manual_seed(1)), torch.rand(300)
+    th, tr, sc = choose_thresholds(items, ph, pr)
+    assert sc == pytest.approx(selection_score(per_source(items, decide(ph, pr, th, tr), n_boot=0)))
