@@ -16,7 +16,8 @@ Writes ``OUT/<kind>.safetensors`` (rank 0; every trainable parameter, gathered, 
 Kinds: ``sft``; ``asft`` (θ_b = θ₀ + noise); ``pact`` (LoRA; teacher = adapters disabled); ``lisa`` (align 1 /
 user 1 steps); ``safelora`` (top_k 2, post-hoc); ``rows`` (LoRA, A ← A − (AV)Vᵀ after each step with
 ``project_rows_out_`` on each rank's shard); ``rows-full`` (full FT of every down_proj, W ← W − (W V − W₀V)Vᵀ with
-``project_update_out_`` on each rank's shard, W₀V only).
+``project_update_out_`` on each rank's shard, W₀V only); ``helpers`` (no training: the helpers on an uneven
+shard, ``OUT/helpers.rank<r>.json``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from safeft.errors import SafeFTError  # noqa: E402
 N_EXAMPLES = 16
 WORDS = ["the movie was great", "the movie was bad and boring", "what is the capital of france"]
 REFUSALS = [(f"how do i bake bread at home {i}", "i cannot help with that request") for i in range(8)]
-KINDS = ("sft", "asft", "pact", "lisa", "safelora", "rows", "rows-full")
+KINDS = ("sft", "asft", "pact", "lisa", "safelora", "rows", "rows-full", "helpers")
 
 
 def _allow_fsdp_on_cpu() -> None:
@@ -297,6 +298,47 @@ def train(
     return {"params": params, "report": report}
 
 
+def check_helpers() -> dict:
+    """The sharding helpers on an uneven FSDP2 shard (5 rows over 2 ranks: 3 + 2) without the Trainer: in-place
+    projections on local rows against the same maths on the whole tensor, W₀V rows, distribute_like,
+    unsharded()."""
+    from torch.distributed.fsdp import fully_shard
+
+    from safeft.components.sharding import distribute_like, local_rows, local_tensor, unsharded
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(7, 5, bias=False)
+    w_full = lin.weight.detach().clone()
+    w0 = w_full + 0.1 * torch.randn(5, 7)
+    v, _ = torch.linalg.qr(torch.randn(7, 3))
+    holder = torch.nn.Sequential(lin)
+    fully_shard(holder)
+    w = lin.weight
+    rows = local_rows(w)
+    out = {
+        "dtensor": is_dtensor(w),
+        "rows": [rows.start, rows.stop],
+        "local_shape": list(local_tensor(w).shape),
+    }
+    project_update_out_(w, w0 @ v, v)  # W₀V given whole: sliced to this rank's rows
+    got = full_tensor(w.detach())
+    ref = w_full - ((w_full - w0) @ v) @ v.T
+    out["update_vs_whole"] = float((got - ref).abs().max())
+    out["update_leak"] = float(((got - w0) @ v).abs().max())
+    project_rows_out_(w, v)
+    out["rows_leak"] = float((full_tensor(w.detach()) @ v).abs().max())
+    wide = torch.randn(5, 11)  # same rows as w, other columns (AsFT's V next to LoRA B)
+    d = distribute_like(wide, w)
+    out["distribute_local_rows_ok"] = bool(torch.equal(d.to_local(), wide[rows]))
+    out["distribute_roundtrip"] = float((d.full_tensor() - wide).abs().max())
+    with unsharded(holder):
+        out["unsharded_inside"] = [type(lin.weight).__name__, list(lin.weight.shape)]
+    out["resharded_after"] = is_dtensor(lin.weight)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -314,6 +356,9 @@ def main() -> int:
 
     make_theta_b(out / f"theta_b-{rank}")
     for kind in a.kinds.split(","):
+        if kind == "helpers":
+            (out / f"helpers.rank{rank}.json").write_text(json.dumps(check_helpers()))
+            continue
         engine = a.engine if world > 1 else None
         res = train(out, kind, a.batch, a.steps, engine, threshold=a.persistence_threshold)
         if rank == 0 and res["params"]:
