@@ -382,6 +382,8 @@ def estimate(m: ModelDims, defense: str, s: Setting, cost: CostModel = COST) -> 
         e.prepare_peak_bytes = ab * vt
         if defense == "asft":  # V on the GPU, row-sharded under FSDP2; 4·r FLOPs per V element per step
             e.train_extra_bytes = ab * vt / shard
+            if shard > 1:
+                e.notes.append("prepare builds the whole V on every rank before keeping its rows")
             e.step_ratio = 1.0 + (4.0 * s.lora_r * vt / shard / (hw.tflops * 1e12)) / step
         else:  # V kept in CPU RAM until the post-hoc projection
             e.notes.append(f"V in CPU RAM during training: {ab * vt / GB:.1f} GB per process")
