@@ -1,6 +1,6 @@
 """Distributed training: DDP on 2 CPU processes (gloo) equals one process with the same global batch, under
-defenses that add loss terms and edit the weights after every step; sharded-parameter backends (FSDP, ZeRO-3) are
-refused for defenses that need full weights.
+defenses that add loss terms and edit the weights after every step. Sharded parameters (FSDP2, ZeRO-3) are in
+test_fsdp.py (2-process runs) and test_sharding.py (what is refused, per backend).
 
 The DDP run is ``torch.distributed.run --nproc_per_node 2 tests/_ddp_worker.py`` with per-device batch 2; the
 reference is the same worker in this process with batch 4. Accelerate shards the (seeded) sampler's batches
@@ -20,8 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from safeft.errors import SafeFTError
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_ddp_worker.py"
@@ -179,41 +177,7 @@ def test_cli_under_torchrun_with_lisa_matches_one_process(tmp_path):
     assert max(float(b[k].abs().max()) for k in b if "lora_B" in k) > 1e-3
 
 
-# ---- sharded parameters: refusal -----------------------------------------------------------------------------------
-
-
-def _tiny_trainer(tmp_path, defenses):
-    from helpers_models import make_tiny_model, make_tiny_tokenizer
-    from transformers import TrainingArguments
-
-    from safeft.data import CompletionCollator, Example, tokenize_example
-    from safeft.models import setup_trainable
-    from safeft.trainer import SafeTrainer
-
-    tok = make_tiny_tokenizer()
-    model = setup_trainable(make_tiny_model(seed=0), method="lora", lora_r=4, lora_alpha=8)
-    rows = [
-        tokenize_example(tok, Example(f"the movie was great {i}", "positive"), max_length=32)
-        for i in range(4)
-    ]
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        max_steps=1,
-        report_to=[],
-        save_strategy="no",
-        remove_unused_columns=False,
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    return SafeTrainer(
-        model=model,
-        args=args,
-        train_dataset=rows,
-        data_collator=CompletionCollator(tok),
-        processing_class=tok,
-        defenses=defenses,
-    )
+# ---- sharded parameters: which defenses touch parameter tensors ---------------------------------------------------
 
 
 def test_defenses_that_need_full_params_are_declared():
@@ -229,31 +193,3 @@ def test_cwac_declares_it_needs_full_params():
     from safeft.defenses.cwac import CWAC, CWACActivation, CWACWeight
 
     assert CWAC.needs_full_params and CWACWeight.needs_full_params and CWACActivation.needs_full_params
-
-
-@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
-def test_sharded_parameters_refuse_full_param_defenses(tmp_path, backend):
-    from safeft.defenses import build_defenses
-
-    tr = _tiny_trainer(tmp_path, build_defenses("asft"))
-    if backend == "fsdp":
-        tr.is_fsdp_enabled = True
-    else:
-        tr.is_deepspeed_enabled = True
-        tr._deepspeed_zero_stage = lambda: 3  # what the DeepSpeed plugin reports
-    with pytest.raises(SafeFTError, match=r"defense 'asft' needs full parameters.*use ZeRO-2 or DDP") as e:
-        tr.train()
-    assert "\n" not in str(e.value)
-    assert tr.state.global_step == 0  # refused before the first step
-
-
-def test_zero2_and_null_defense_are_allowed(tmp_path):
-    from safeft.defenses import build_defenses
-
-    tr = _tiny_trainer(tmp_path / "a", build_defenses("asft"))
-    tr.is_deepspeed_enabled = True
-    tr._deepspeed_zero_stage = lambda: 2  # ZeRO-2 shards optimizer state and gradients only
-    tr.check_parameter_sharding()  # no error
-    tr2 = _tiny_trainer(tmp_path / "b", build_defenses("sft"))
-    tr2.is_fsdp_enabled = True
-    tr2.check_parameter_sharding()  # the null defense never touches the weights

@@ -1,4 +1,4 @@
-"""``safeft`` command line: align | prepare | train | eval | bench | list | demo.
+"""``safeft`` command line: align | prepare | train | eval | bench | list | demo | estimate.
 
 Every command takes ``--config run.yaml``; any config key can be overridden by a flag ``--section.key VALUE``
 (e.g. ``--training.lr 2e-5``), by a short alias (``--lr 2e-5``) or by ``--set section.key=VALUE``. Flags win over
@@ -255,6 +255,45 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return run_demo(out_dir=ns.out, defenses=ns.defenses, fresh=ns.fresh)
 
 
+# ---- estimate (issue 15): cost of each defense from the model's dimensions -------------------------------------------
+
+
+def cmd_estimate(ns: argparse.Namespace) -> int:
+    from safeft.estimate import run
+
+    keys = ("lora_r", "batch_size", "seq_len", "cwac_rank", "cwac_layers", "sae_layers", "sae_width_factor",
+            "sae_tokens", "hardware")
+    settings = {k: getattr(ns, k) for k in keys}
+    if ns.lora_targets:
+        settings["lora_targets"] = tuple(t.strip() for t in ns.lora_targets.split(",") if t.strip())
+    print(run(ns.model, ns.defense, ns.method, ns.gpus, ns.fsdp, as_json=ns.json, **settings))
+    return 0
+
+
+def _add_estimate_parser(sub) -> None:
+    s = sub.add_parser("estimate", help="one-off artifact cost, extra training memory and step-time ratio of each "
+                       "defense, from the model's dimensions (no download with a preset or a config.json)")
+    s.add_argument("--model", required=True,
+                   help="preset (llama-3-8b, llama-3-70b, qwen2.5-0.5b, smollm2-135m, ...), a config.json (or its "
+                        "folder), or a Hub id")
+    s.add_argument("--defense", default="cwac", help="a defense, a comma list, or 'all' (default cwac)")
+    s.add_argument("--method", default="lora", choices=["lora", "full"])
+    s.add_argument("--gpus", type=int, default=1)
+    s.add_argument("--fsdp", action="store_true", help="parameters sharded over the GPUs (FSDP2 / ZeRO-3)")
+    s.add_argument("--lora-r", type=int, default=None, help="default 8")
+    s.add_argument("--lora-targets", default=None, help="comma list, default all seven projections")
+    s.add_argument("--batch-size", type=int, default=None, help="per GPU, default 8")
+    s.add_argument("--seq-len", type=int, default=None, help="default 512")
+    s.add_argument("--cwac-rank", type=int, default=None, help="rank r of each CWAC subspace V, default 64")
+    s.add_argument("--cwac-layers", choices=["all", "middle"], default=None, help="default all")
+    s.add_argument("--sae-layers", type=int, default=None, help="number of SAE layers, default 1")
+    s.add_argument("--sae-width-factor", type=int, default=None, help="SAE width / hidden, default 8")
+    s.add_argument("--sae-tokens", type=float, default=None, help="rows the SAE trains on, default 1e6")
+    s.add_argument("--hardware", default=None, help="h200 (default; assumed speeds) or cpu (measured)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    s.set_defaults(func=cmd_estimate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safeft", description="Fine-tune an aligned LLM without losing its safety.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -318,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--defenses", default=None, help="comma-separated defenses (default: all that apply)")
     s.add_argument("--fresh", action="store_true", help="ignore cached demo runs (the aligned model stays cached)")
     s.set_defaults(func=cmd_demo)
+
+    _add_estimate_parser(sub)
     return p
 
 

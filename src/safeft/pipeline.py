@@ -399,10 +399,13 @@ def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> 
     final_dir = out_dir / "final"
     tmp_dir = out_dir / ".final.tmp"
     main_process = trainer.is_world_process_zero()  # multi-process: one writer for final/ and run.json
+    # FSDP / ZeRO-3 hold shards: gather the whole state dict (a collective, every rank; rank 0 receives it)
+    full_sd = trainer.accelerator.get_state_dict(trainer.model) if trainer.sharding_backend() else None
     if main_process:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir)
-        trainer.model.save_pretrained(str(tmp_dir), safe_serialization=True)
+        kw = {"state_dict": full_sd} if full_sd is not None else {}
+        trainer.model.save_pretrained(str(tmp_dir), safe_serialization=True, **kw)
         tokenizer.save_pretrained(str(tmp_dir))
         if final_dir.exists():
             shutil.rmtree(final_dir)

@@ -5,7 +5,10 @@ Every defense is SFT plus terms, so the trainer is the plain Trainer with three 
 * ``compute_loss`` adds each defense's named loss terms to the task loss and logs each one;
 * a callback runs each defense's ``after_step`` right after every optimizer step (on every rank under DDP, where
   parameters are identical, so projections keep them identical);
-* checkpoints also hold each defense's state (``defense_state.safetensors``), restored on resume.
+* checkpoints also hold each defense's state (``defense_state.safetensors``), restored on resume;
+* before the first step it refuses what cannot run: a defense whose hooks do not handle the way the engine shards
+  parameters (FSDP1, FSDP2, DeepSpeed ZeRO-3: see each defense's ``sharding_refusal``) or a 4-bit base model; once
+  the engine has wrapped the model it calls each defense's ``on_train_begin`` (FSDP2 swaps in sharded parameters).
 
 With no terms (plain SFT) ``compute_loss`` *is* ``Trainer.compute_loss``: the null defense's loss equals the plain
 Trainer's loss exactly.
@@ -28,9 +31,18 @@ from safeft.errors import SafeFTError
 DEFENSE_STATE = "defense_state.safetensors"
 
 
+SHARDING_LABELS = {"fsdp1": "FSDP (version 1)", "fsdp2": "FSDP2", "zero3": "DeepSpeed ZeRO-3"}
+
+
 class _DefenseCallback(TrainerCallback):
     def __init__(self, trainer: SafeTrainer):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # after accelerate/DeepSpeed wrapped the model and before the first step, on every process
+        backend = self.trainer.sharding_backend()
+        for d in self.trainer.defenses:
+            d.on_train_begin(self.trainer.model, backend)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         # Called right after optimizer.step(), before zero_grad and the scheduler, on every process.
@@ -43,8 +55,8 @@ class _DefenseCallback(TrainerCallback):
         if not self.trainer.defenses:
             return
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        tensors = self.trainer.defense_state()  # every rank: sharded state is gathered (a collective)
         if ckpt.is_dir() and self.trainer.is_world_process_zero():
-            tensors = self.trainer.defense_state()
             if tensors:
                 save_file(tensors, str(ckpt / DEFENSE_STATE))
 
@@ -72,7 +84,9 @@ class SafeTrainer(Trainer):
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 # the Trainer multiplies the loss by the number of processes, expecting the global count
                 n = self.accelerator.gather(n.reshape(1).to(self.accelerator.device)).sum()
-            num_items_in_batch = n.to(num_items_in_batch.device) if torch.is_tensor(num_items_in_batch) else int(n)
+            num_items_in_batch = (
+                n.to(num_items_in_batch.device) if torch.is_tensor(num_items_in_batch) else int(n)
+            )
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
@@ -123,28 +137,44 @@ class SafeTrainer(Trainer):
             prefix = f"{d.name}."
             d.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
 
-    # ---- sharded parameters -------------------------------------------------------------------------------------
+    # ---- sharded parameters, quantized bases ---------------------------------------------------------------------
     def _deepspeed_zero_stage(self) -> int:
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         return int(getattr(plugin, "zero_stage", 0) or 0) if plugin is not None else 0
 
-    def check_parameter_sharding(self) -> None:
-        """Refuse defenses with ``needs_full_params`` when parameters are sharded across ranks (FSDP, DeepSpeed
-        ZeRO-3): their hooks read or write whole weight tensors, which each rank then holds only a shard of.
-        DDP and ZeRO-1/2 keep full, identical parameters on every rank (ZeRO-2 shards only optimizer state and
-        gradients), so projections there stay exact and identical across ranks."""
+    def sharding_backend(self) -> str | None:
+        """How the engine holds parameters: "fsdp2" (DTensors sharded on rows), "fsdp1" (flattened shards), "zero3"
+        (DeepSpeed partitions) or None (whole on every rank: one process, DDP, ZeRO-1/2)."""
         if self.is_fsdp_enabled:
-            backend = "FSDP"
-        elif self.is_deepspeed_enabled and self._deepspeed_zero_stage() >= 3:
-            backend = "DeepSpeed ZeRO-3"
-        else:
-            return
-        for d in self.defenses:
-            if getattr(d, "needs_full_params", False):
-                raise SafeFTError(
-                    f"defense {d.name!r} needs full parameters; {backend} shards them: use ZeRO-2 or DDP "
-                    f"(see docs/distributed.md)"
-                )
+            plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+            return "fsdp2" if int(getattr(plugin, "fsdp_version", 1) or 1) == 2 else "fsdp1"
+        if self.is_deepspeed_enabled and self._deepspeed_zero_stage() >= 3:
+            return "zero3"
+        return None
+
+    def check_parameter_sharding(self) -> None:
+        """Refuse, before the first step, a defense whose hooks cannot handle how parameters are sharded (each
+        defense says why and what to use instead: ``Defense.sharding_refusal``), and a defense whose hooks are not
+        right on a 4-bit (QLoRA) base. DDP and ZeRO-1/2 keep parameters whole and identical on every rank."""
+        backend = self.sharding_backend()
+        if backend is not None:
+            for d in self.defenses:
+                why = d.sharding_refusal(backend)
+                if why:
+                    raise SafeFTError(
+                        f"defense {d.name!r} does not run under {SHARDING_LABELS[backend]}: {why} "
+                        f"(see docs/distributed.md)"
+                    )
+        from safeft.components.sharding import is_quantized_4bit
+
+        if any(d.needs_full_params and not d.supports_4bit_base for d in self.defenses) and is_quantized_4bit(
+            self.model
+        ):
+            d = next(d for d in self.defenses if d.needs_full_params and not d.supports_4bit_base)
+            raise SafeFTError(
+                f"defense {d.name!r} does not run on a 4-bit (QLoRA) base model: train LoRA on a bf16/fp16 base, "
+                f"sharded with FSDP2 or ZeRO-2 if it does not fit one GPU (see docs/distributed.md)"
+            )
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         self.check_parameter_sharding()

@@ -8,6 +8,11 @@ being trained and the weight of the same module in the unaligned base θ_b, and 
 (``safe_open``), so θ_b is never materialised in full; otherwise ``ctx.load_model`` loads it, the targeted
 weights are copied out and the model is freed. V is not cached on disk: it is as large as the targeted weights of
 θ_b, so reading those weights again costs what reading a cache would.
+
+On a 4-bit (QLoRA) base the in-memory W(θ₀) is the quantized weight, whose rounding error (NF4: ~10% of a weight's
+size) would swamp the alignment direction; W(θ₀) is then read from θ₀'s own files (``ctx.aligned_model_path``)
+the same way as θ_b's. Under FSDP2 a defense keeps only the rows of V that match its rank's rows of LoRA B
+(:meth:`AlignmentMatrix.shard_like`): Ĉ X = V (Vᵀ X)/‖V‖_F then runs as DTensor ops (an all-reduce of Vᵀ X).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from safeft.components.sharding import distribute_like, is_dtensor, is_quantized_4bit, whole_model_loading
 from safeft.defenses.base import DefenseContext, unwrap_model
 from safeft.errors import SafeFTError
 
@@ -33,11 +39,17 @@ class AlignmentMatrix:
 
     def c_hat_times(self, x: torch.Tensor) -> torch.Tensor:
         """Ĉ X = V (Vᵀ X) / ‖V‖_F for X ``[d_out, k]`` -> ``[d_out, k]``; Ĉ is never built (it is d_out × d_out).
-        Returns zeros when V = 0 (Ĉ = 0)."""
-        v = self.v.to(device=x.device)
+        Returns zeros when V = 0 (Ĉ = 0). X and V both plain tensors, or both DTensors sharded alike."""
         if self.norm == 0.0:
             return torch.zeros_like(x)
+        v = self.v if is_dtensor(self.v) else self.v.to(device=x.device)
         return (v @ (v.T @ x.to(v.dtype))) / self.norm
+
+    def shard_like(self, b: torch.Tensor) -> None:
+        """Keep only the rows of V that this rank holds of ``b`` (LoRA B ``[d_out, r]``, an FSDP2 DTensor), as a
+        DTensor sharded like it; nothing to do when ``b`` is not sharded."""
+        if is_dtensor(b) and not is_dtensor(self.v):
+            self.v = distribute_like(self.v, b)
 
 
 def strip_peft_prefix(name: str) -> str:
@@ -114,9 +126,11 @@ def _match_key(name: str, keys: list[str] | set[str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def _read_base_weights(names: list[str], ctx: DefenseContext) -> dict[str, torch.Tensor]:
-    """Targeted weights of θ_b by module name (float32, CPU)."""
-    path = Path(str(ctx.base_model_path))
+def _read_base_weights(
+    names: list[str], ctx: DefenseContext, model_path: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Targeted weights of θ_b (or of the model at ``model_path``) by module name (float32, CPU)."""
+    path = Path(str(model_path or ctx.base_model_path))
     if not path.exists():
         raise SafeFTError(
             f"base model θ_b not found at {path}; pass --base-model PATH (a local model directory)"
@@ -141,7 +155,8 @@ def _read_base_weights(names: list[str], ctx: DefenseContext) -> dict[str, torch
         raise SafeFTError(
             f"{path}: holds no *.safetensors files and no model loader was given; convert θ_b first"
         )
-    base = ctx.load_model(str(path))
+    with whole_model_loading():  # DeepSpeed ZeRO-3: not partitioned by zero.Init
+        base = ctx.load_model(str(path))
     params = dict(base.named_parameters())
     for n in names:
         k = _match_key(n, set(params))
@@ -178,9 +193,17 @@ def compute_alignment_matrices(
     if not mods:
         raise SafeFTError("the model has no LoRA layers; AsFT/SafeLoRA need training.method: lora")
     base = _read_base_weights(sorted(mods), ctx)
+    aligned: dict[str, torch.Tensor] = {}
+    if is_quantized_4bit(model):
+        if not ctx.aligned_model_path:
+            raise SafeFTError(
+                "4-bit (QLoRA) base: W(θ₀) in memory is quantized; AsFT/SafeLoRA read θ₀'s own weights from its "
+                "folder, but none was given (DefenseContext.aligned_model_path): pass --model PATH"
+            )
+        aligned = _read_base_weights(sorted(mods), ctx, model_path=ctx.aligned_model_path)
     out: dict[str, AlignmentMatrix] = {}
     for n, mod in mods.items():
-        w0 = base_weight(mod).detach()
+        w0 = aligned.pop(n) if n in aligned else base_weight(mod).detach()
         wb = base.pop(n)
         if tuple(wb.shape) != tuple(w0.shape):
             raise SafeFTError(
@@ -188,7 +211,7 @@ def compute_alignment_matrices(
                 f"θ_b must be the base model θ₀ was aligned from"
             )
         v = w0.float().cpu() - wb
-        dev = torch.device(device) if device is not None else w0.device
+        dev = torch.device(device) if device is not None else lora_factors(mod)[1].device
         out[n] = AlignmentMatrix(v=v.to(dev), norm=float(torch.linalg.matrix_norm(v).item()))
     if all(m.norm == 0.0 for m in out.values()):
         raise SafeFTError(

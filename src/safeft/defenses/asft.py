@@ -10,6 +10,12 @@ which penalises the part of the update ΔW = B A that leaves the span of the ali
 σᵢ²/‖V‖_F). We never build it (d_out × d_out) nor B A (d_out × d_in): with M = B − V (Vᵀ B) / ‖V‖_F
 (``[d_out, r]``), (I − Ĉ) B A = M A and ‖M A‖²_F = trace((MᵀM)(A Aᵀ)), two r × r matrices, so the penalty costs
 O(r·d_in·d_out) time (one Vᵀ B) and O(r·(d_in + d_out)) memory beyond V.
+
+Sharded parameters: under FSDP2, LoRA B and A are DTensors sharded on rows; each rank keeps the rows of V that
+match its rows of B, and the penalty runs as DTensor ops (Vᵀ B is an all-reduce of ``[d_in, r]``, the Gram matrices
+``[r, r]``; V is never gathered). Every rank computes the same penalty, and its gradient reaches each rank's rows
+once, as under DDP. DeepSpeed ZeRO-3 is refused: outside a module's forward its LoRA factors are empty partitions
+(even "persistent" ones, between steps), and a gathered copy would not carry the penalty's gradient back.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 
 import torch
 
+from safeft.components.sharding import full_tensor, is_dtensor
 from safeft.defenses._alignment_matrix import (
     AlignmentMatrix,
     compute_alignment_matrices,
@@ -44,12 +51,13 @@ def asft_module_penalty(b: torch.Tensor, a: torch.Tensor, v: torch.Tensor, v_nor
     dtype = torch.promote_types(b.dtype, torch.float32)
     b32, a32 = b.to(dtype), a.to(dtype)
     if v_norm > 0.0:
-        v = v.to(device=b32.device, dtype=dtype)
+        v = v.to(dtype=dtype) if is_dtensor(v) else v.to(device=b32.device, dtype=dtype)
         m = b32 - (v @ (v.T @ b32)) / v_norm  # (I − Ĉ) B, [d_out, r]
     else:
         m = b32
     # ‖M A‖²_F = trace(Mᵀ M · A Aᵀ); both r × r Gram matrices are symmetric, so the trace is their inner product.
-    return ((m.T @ m) * (a32 @ a32.T)).sum()
+    # FSDP2 (b, a, v DTensors sharded on rows): each Gram matrix is an all-reduce of r × r; the scalar is gathered.
+    return (full_tensor(m.T @ m) * full_tensor(a32 @ a32.T)).sum()
 
 
 @dataclass
@@ -77,6 +85,8 @@ class AsFT(Defense):
     needs_base_model = True
     requires_lora = True
     needs_full_params = True
+    sharded_backends = ("fsdp2",)
+    supports_4bit_base = True  # V is read from θ₀'s and θ_b's files; the penalty reads LoRA factors only
 
     def __init__(self, config: AsFTConfig | None = None):
         super().__init__(config)
@@ -87,6 +97,14 @@ class AsFT(Defense):
         super().prepare(model, ctx)
         self.matrices = compute_alignment_matrices(model, ctx)
         self._modules = lora_modules(model)
+
+    def on_train_begin(self, model: torch.nn.Module, backend: str | None) -> None:
+        """Find the LoRA layers again in the wrapped model; FSDP2: keep only this rank's rows of each V."""
+        self._modules = lora_modules(model)
+        for name, mat in self.matrices.items():
+            if name not in self._modules:
+                raise SafeFTError(f"defense asft: LoRA module {name!r} disappeared after prepare()")
+            mat.shard_like(lora_factors(self._modules[name])[0])
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor:
         """Σ_modules ‖(I − Ĉ) B A‖²_F over the prepared modules (unweighted float32 scalar)."""

@@ -8,8 +8,11 @@ A defense is plain SFT plus terms. The trainer calls, in order:
 3. for every micro-batch: ``transform_batch(model, inputs, step)`` (Lisa swaps in alignment batches), the task
    forward pass, then ``loss_terms(model, inputs, outputs)`` -> ``{name: weighted scalar}``; the trainer adds
    them to the task loss and logs each under its name;
-4. ``after_step(model)`` after every optimizer step, on every rank (CWAC projects the weights here);
-5. ``finalize(model)`` once after training (SafeLoRA projects here).
+4. ``on_train_begin(model, backend)`` once the training engine has wrapped the model (DDP, FSDP2, DeepSpeed),
+   before the first step, on every rank: FSDP2 replaces every parameter by a sharded DTensor, so a defense that
+   keeps parameter references takes them again here;
+5. ``after_step(model)`` after every optimizer step, on every rank (CWAC projects the weights here);
+6. ``finalize(model)`` once after training, on every rank (SafeLoRA projects here).
 
 ``state_dict()``/``load_state_dict()`` carry any mutable state across checkpoints (resume).
 """
@@ -130,8 +133,13 @@ class Defense:
     needs_base_model: ClassVar[bool] = False
     requires_lora: ClassVar[bool] = False
     # True when a hook reads or writes parameter tensors directly (projections, penalties on LoRA factors,
-    # snapshots): such a defense cannot run where parameters are sharded (FSDP, DeepSpeed ZeRO-3)
+    # snapshots). Where parameters are sharded such a defense runs only under the backends it lists in
+    # ``sharded_backends`` ("fsdp2": FSDP2 DTensors; "zero3": DeepSpeed ZeRO-3), whose hooks handle shards (see
+    # safeft.components.sharding); SafeTrainer refuses it under any other before the first step, with the message
+    # of ``sharding_refusal``. ``supports_4bit_base``: its hooks are right on a 4-bit (QLoRA) base model.
     needs_full_params: ClassVar[bool] = False
+    sharded_backends: ClassVar[tuple[str, ...]] = ()
+    supports_4bit_base: ClassVar[bool] = False
     # defenses that cannot share a run with this one (by name)
     incompatible_with: ClassVar[tuple[str, ...]] = ()
 
@@ -160,6 +168,25 @@ class Defense:
 
     def loss_terms(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> dict[str, torch.Tensor]:
         return {}
+
+    def on_train_begin(self, model: torch.nn.Module, backend: str | None) -> None:
+        """The model as the training engine wrapped it; ``backend`` is "fsdp2", "zero3" or None (parameters whole).
+        Called on every rank before the first step. Refuse here (SafeFTError) what only shows after wrapping."""
+        return None
+
+    def sharding_refusal(self, backend: str) -> str | None:
+        """Why this defense cannot run with parameters sharded by ``backend`` ("fsdp1", "fsdp2", "zero3"), ending
+        with the alternative to use; None when it can."""
+        if not self.needs_full_params or backend in self.sharded_backends:
+            return None
+        if backend == "fsdp1" and "fsdp2" in self.sharded_backends:
+            return "FSDP version 1 flattens the parameters it shards: set fsdp_version: 2 (FSDP2)"
+        if backend == "zero3" and "fsdp2" in self.sharded_backends:
+            return (
+                "its loss term reads parameters outside any module's forward, where ZeRO-3 holds empty partitions: "
+                "use FSDP2 (fsdp_version: 2) or DeepSpeed ZeRO-2"
+            )
+        return "its hooks need whole parameter tensors: use DDP or DeepSpeed ZeRO-2 (parameters whole on every rank)"
 
     def after_step(self, model: torch.nn.Module) -> None:
         return None

@@ -13,6 +13,11 @@ before the first switch, the weights at the start). Right after a switch the ter
 pulls the weights back toward the other phase's state. ``transform_batch`` swaps in an alignment batch (cycled
 through a seeded shuffle, reshuffled every pass) during alignment phases; ``after_step`` counts steps and switches.
 The snapshot costs one copy of the trainable weights (small for LoRA, the model's size for full fine-tuning).
+
+Sharded parameters: under FSDP2 the snapshot is kept as the same row shards as the parameters (taken again from the
+wrapped model in ``on_train_begin``), the proximal term is a DTensor sum (one all-reduce of a scalar per tensor) and
+checkpoints gather it. DeepSpeed ZeRO-3 is refused: the proximal term reads the trainable tensors outside any
+module's forward, where ZeRO-3 holds only empty partitions.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 import torch
 
+from safeft.components.sharding import distribute_like, full_tensor, is_dtensor
 from safeft.defenses.base import (
     Defense,
     DefenseConfig,
@@ -75,6 +81,8 @@ class Lisa(Defense):
         "trainable weights"
     )
     needs_full_params = True
+    sharded_backends = ("fsdp2",)
+    supports_4bit_base = True  # it reads and snapshots the trainable (LoRA) tensors only
 
     def __init__(self, config: LisaConfig | None = None):
         super().__init__(config)
@@ -118,6 +126,21 @@ class Lisa(Defense):
                 )
             self.snapshot = {n: self.snapshot[n].to(p.device, p.dtype) for n, p in self._params.items()}
 
+    def on_train_begin(self, model: torch.nn.Module, backend: str | None) -> None:
+        """Take the trainable parameters again from the wrapped model (FSDP2 swaps in DTensors) and lay the
+        snapshot out like them."""
+        params = {n: p for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
+        missing = sorted(set(self.snapshot) ^ set(params))
+        if missing:
+            raise SafeFTError(f"defense lisa: trainable parameters changed after prepare(): {missing[:3]}")
+        self._params = params
+        self.snapshot = {
+            n: (
+                self.snapshot[n] if is_dtensor(self.snapshot[n]) else distribute_like(self.snapshot[n], p)
+            ).to(p.dtype)
+            for n, p in params.items()
+        }
+
     # ---- alignment data --------------------------------------------------------------------------------------
     def _perm(self, epoch: int) -> list[int]:
         """Order of the alignment examples in pass ``epoch`` (seeded by the run's seed; cached per pass)."""
@@ -155,7 +178,7 @@ class Lisa(Defense):
         """Σ_trainable ‖w − w_other‖² (float32 scalar, differentiable in w)."""
         total: torch.Tensor | None = None
         for n, p in self._params.items():
-            d = (p.float() - self.snapshot[n].float()).pow(2).sum()
+            d = full_tensor((p.float() - self.snapshot[n].float()).pow(2).sum())  # FSDP2: an all-reduce
             total = d if total is None else total + d.to(total.device)
         assert total is not None
         return total
@@ -188,7 +211,10 @@ class Lisa(Defense):
             "data_epoch": torch.tensor(self._epoch),
             "data_cursor": torch.tensor(self._cursor),
         }
-        state.update({f"snapshot.{n}": t.detach().cpu().clone() for n, t in self.snapshot.items()})
+        # FSDP2: gathered on every rank (the trainer calls state_dict on all of them)
+        state.update(
+            {f"snapshot.{n}": full_tensor(t.detach()).cpu().clone() for n, t in self.snapshot.items()}
+        )
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -203,7 +229,7 @@ class Lisa(Defense):
             for n, p in self._params.items():
                 if n not in snap:
                     raise SafeFTError(f"defense lisa: resumed state lacks a snapshot of {n!r}; start afresh")
-                self.snapshot[n] = snap[n].to(p.device, p.dtype)
+                self.snapshot[n] = distribute_like(snap[n], p).to(p.dtype)
         else:
             self.snapshot = snap
         self._loaded = True

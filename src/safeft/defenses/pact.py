@@ -18,6 +18,12 @@ Training, on the task batch itself, at every response token ``t`` (0-based withi
 gradient), ``I_post,t`` from the teacher's post-only logits ``z_post``; both at temperature 1, as the authors' code.
 θ₀ is the LoRA model with its adapters disabled (free) or, for full fine-tuning, a frozen copy of the aligned model.
 Only ``[N_resp, k]`` slices of teacher logits are ever built (hidden states times ``lm_head.weight[S]``).
+
+Sharded parameters (LoRA only): the teacher runs the same sharded model with adapters disabled. Its decoder blocks
+gather their weights in their own forward (FSDP2 and ZeRO-3 put hooks on every block); the head's rows S are read
+inside :func:`~safeft.components.sharding.unsharded` (the gather the head's own forward would do). With full
+fine-tuning the frozen θ₀ copy would be a whole second model on every rank, which sharding exists to avoid: refused.
+On a 4-bit (QLoRA) base the teacher is the quantized θ₀ (adapters off), as the offline step's θ₀ is.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from safeft.components.kl import cumulative_mass_fraction, subset_kl
+from safeft.components.sharding import unsharded, whole_model_loading
 from safeft.defenses.base import (
     Defense,
     DefenseConfig,
@@ -162,14 +169,17 @@ def position_logits(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
         h = hidden[positions]
-        weight = (
-            head.weight
-            if token_ids is None
-            else head.weight.index_select(0, token_ids.to(head.weight.device))
-        )
-        z = h.to(weight.dtype) @ weight.T
-        if head.bias is not None:
-            z = z + (head.bias if token_ids is None else head.bias.index_select(0, token_ids))
+        with unsharded(head):  # FSDP2 / ZeRO-3: the head's weight outside its forward
+            weight = (
+                head.weight
+                if token_ids is None
+                else head.weight.index_select(0, token_ids.to(head.weight.device))
+            )
+            z = h.to(weight.dtype) @ weight.T
+            if head.bias is not None:
+                z = z + (
+                    head.bias if token_ids is None else head.bias.index_select(0, token_ids.to(z.device))
+                )
         return z.float()
     logits = causal_lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     z = logits[positions]
@@ -378,7 +388,9 @@ class PACT(Defense):
     paper = "Wang et al., Few Tokens, Big Leverage (PACT), arXiv 2603.07445"
     artifacts = "safety tokens S and weights w (from θ₀ vs θ_b on refusals), cached per model pair"
     needs_base_model = True
-    needs_full_params = True  # its reference forward runs the unwrapped model, outside any sharding wrapper
+    needs_full_params = True  # its teacher forward runs θ₀ outside the training forward and reads the head
+    sharded_backends = ("fsdp2", "zero3")  # LoRA only (see sharding_refusal)
+    supports_4bit_base = True  # the teacher is the quantized θ₀ with adapters off
     config: PACTConfig
 
     def __init__(self, config: PACTConfig | None = None):
@@ -389,6 +401,14 @@ class PACT(Defense):
         self.meta: dict[str, Any] = {}
         self._teacher: nn.Module | None = None  # frozen θ₀ copy (full FT); None with LoRA (adapters disabled)
         self._pad_id = 0
+
+    def sharding_refusal(self, backend: str) -> str | None:
+        if self._teacher is not None and backend in ("fsdp2", "zero3"):
+            return (
+                "with full fine-tuning its θ₀ teacher is a whole second model on every rank: train LoRA (the "
+                "teacher is then the sharded model with adapters disabled) or use DDP / ZeRO-2"
+            )
+        return super().sharding_refusal(backend)
 
     # ---- prepare -------------------------------------------------------------------------------------------
     def _artifact_config(self, ctx: DefenseContext, pairs: list[tuple[str, str]]) -> dict[str, Any]:
@@ -463,7 +483,8 @@ class PACT(Defense):
         self, model: nn.Module, ctx: DefenseContext, pairs: list[tuple[str, str]]
     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """θ₀ = the training model at step 0 (adapters disabled); θ_b loaded, used, freed."""
-        base = ctx.load_model(ctx.base_model_path)
+        with whole_model_loading():  # DeepSpeed ZeRO-3: θ_b whole, not partitioned by zero.Init
+            base = ctx.load_model(ctx.base_model_path)
         try:
             with reference_view(model) as reference:
                 return compute_safety_tokens(

@@ -9,6 +9,11 @@ cos(ĈΔW, ΔW) = ⟨ĈΔW, ΔW⟩_F / (‖ĈΔW‖_F ‖ΔW‖_F). The layers s
 
 No d_out × d_out or d_out × d_in matrix is built: with P = Ĉ B = V (Vᵀ B)/‖V‖_F (``[d_out, r]``) and G = A Aᵀ
 (``[r, r]``), ⟨P A, B A⟩ = Σ (PᵀB ⊙ G), ‖P A‖² = Σ (PᵀP ⊙ G), ‖B A‖² = Σ (BᵀB ⊙ G); the α/r factor cancels.
+
+Sharded parameters (``finalize`` runs on every rank): under FSDP2, B and A are DTensors sharded on rows; V's rows
+are cut to match B's (V stays on CPU until then), Ĉ B is a DTensor op (an all-reduce of Vᵀ B, ``[d_in, r]``), the
+Gram matrices are all-reduced, so every rank takes the same decision and writes its own rows of B. Under DeepSpeed
+ZeRO-3 the LoRA factors are gathered (``GatheredParameters``, LoRA-sized) and rank 0's edit is kept.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 import torch
 
+from safeft.components.sharding import full_tensor, gathered
 from safeft.defenses._alignment_matrix import (
     AlignmentMatrix,
     compute_alignment_matrices,
@@ -48,14 +54,15 @@ def projected_b_and_cosine(
     b32 = b.detach().float()
     a64 = a.detach().double()
     p = mat.c_hat_times(b32)
-    g = a64 @ a64.T
-    bb = (b32.double().T @ b32.double() * g).sum().item()
+    # r × r Gram matrices; under FSDP2 each is an all-reduce, so every rank gets the same numbers
+    g = full_tensor(a64 @ a64.T)
+    bb = (full_tensor(b32.double().T @ b32.double()) * g).sum().item()
     if bb <= 0.0:
         return p, None
-    pp = (p.double().T @ p.double() * g).sum().item()
+    pp = (full_tensor(p.double().T @ p.double()) * g).sum().item()
     if pp <= 0.0:
         return p, 0.0
-    pb = (p.double().T @ b32.double() * g).sum().item()
+    pb = (full_tensor(p.double().T @ b32.double()) * g).sum().item()
     return p, float(pb / math.sqrt(pp * bb))
 
 
@@ -106,6 +113,8 @@ class SafeLoRA(Defense):
     needs_base_model = True
     requires_lora = True
     needs_full_params = True
+    sharded_backends = ("fsdp2", "zero3")
+    supports_4bit_base = True  # V is read from θ₀'s and θ_b's files; only LoRA B is rewritten
 
     def __init__(self, config: SafeLoRAConfig | None = None):
         super().__init__(config)
@@ -125,14 +134,19 @@ class SafeLoRA(Defense):
         missing = sorted(set(self.matrices) - set(mods))
         if missing:
             raise SafeFTError(f"defense safelora: LoRA modules {missing[:3]} disappeared after prepare()")
-        cosines: dict[str, float | None] = {}
-        projected_b: dict[str, torch.Tensor] = {}
-        for name, mat in self.matrices.items():
-            b, a, _ = lora_factors(mods[name])
-            projected_b[name], cosines[name] = projected_b_and_cosine(b, a, mat)
-        chosen = select_layers(cosines, self.config.threshold, self.config.top_k)
-        for name in chosen:
-            b, _, _ = lora_factors(mods[name])
-            b.copy_(projected_b[name].to(dtype=b.dtype, device=b.device))
+        factors = [t for name in self.matrices for t in lora_factors(mods[name])[:2]]
+        with gathered(
+            factors, modifier_rank=0
+        ):  # DeepSpeed ZeRO-3: whole LoRA factors; rank 0's edit is kept
+            cosines: dict[str, float | None] = {}
+            projected_b: dict[str, torch.Tensor] = {}
+            for name, mat in self.matrices.items():
+                b, a, _ = lora_factors(mods[name])
+                mat.shard_like(b)  # FSDP2: this rank's rows of V, next to its rows of B
+                projected_b[name], cosines[name] = projected_b_and_cosine(b, a, mat)
+            chosen = select_layers(cosines, self.config.threshold, self.config.top_k)
+            for name in chosen:
+                b, _, _ = lora_factors(mods[name])
+                b.copy_(projected_b[name].to(dtype=b.dtype))
         self.matrices = {}  # free V
         return {"projected": chosen, "cosines": cosines}
