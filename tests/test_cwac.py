@@ -18,6 +18,16 @@ from safeft.defenses.cwac import features as F
 from safeft.defenses.cwac import subspace as S
 from safeft.errors import SafeFTError
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: one intra-op thread is 10-100x faster than two on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 WORDS = (
     "apple river stone quiet bridge market candle forest engine silver window garden thunder pocket ladder "
     "violin copper meadow harbor blanket lantern marble needle orchard pepper quarry saddle tunnel velvet "
@@ -692,3 +702,42 @@ def test_pretrained_sae_path_is_used(tiny_tokenizer, tmp_path):
     d3 = make(CWACConfig(**{**FAST, "weight": False, "sae_path": str(exported / "layer_3")}))
     d3.prepare(lora(tiny_model()), ctx)
     assert d3.sae_layers == [3]
+
+
+def test_sae_capture_resumes_after_interruption(tiny_tokenizer, tmp_path, monkeypatch):
+    from safeft.components import ShardReader
+
+    model = tiny_model()
+    docs, _ = F.sae_documents(
+        tiny_tokenizer, "chat", 64, prompts(30, 4, "how can i"), {}, ["harmless"], HARMLESS, budget=600,
+        benign_fraction=0.3, start=2, seed=0, log=lambda *_: None,
+    )  # fmt: skip
+    monkeypatch.setattr(F, "WINDOW_DOCS", 3)  # 12 documents: 4 windows
+    monkeypatch.setattr(F, "SHARD_BYTES", 2 * 64 * 100)  # a shard every ~100 rows: after every window
+    full = F.capture_to_store(model, docs, [0, 2], tmp_path / "full", {"k": 1}, 2, 0, progress=False)
+    real = F.run_to_layers
+    calls = {"n": 0}
+
+    def crash_after_two(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(F, "run_to_layers", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        F.capture_to_store(model, docs, [0, 2], tmp_path / "cut", {"k": 1}, 2, 0, progress=False)
+    monkeypatch.setattr(F, "run_to_layers", real)
+    with pytest.raises(SafeFTError, match="incomplete"):
+        ShardReader(tmp_path / "cut")
+    assert calls["n"] == 3
+    import json
+
+    progress = json.loads((tmp_path / "cut" / "progress.json").read_text())
+    assert [x["docs_done"] for x in progress["shards"]] == [3, 6]  # two windows on disk before the crash
+    resumed = F.capture_to_store(model, docs, [0, 2], tmp_path / "cut", {"k": 1}, 2, 0, progress=False)
+    assert resumed.n_rows == full.n_rows == sum(len(x) - 2 for x in docs)
+    for L in (0, 2):
+        a = torch.cat(list(full.iter_range(L, 0, full.n_rows)))
+        b = torch.cat(list(resumed.iter_range(L, 0, resumed.n_rows)))
+        assert torch.allclose(a, b, atol=1e-2)

@@ -343,7 +343,7 @@ def train_sae(
             step += 1
             bar.update(1)
             if progress and step % 10 == 0:  # .item() syncs: only when a bar shows it
-                last = {"mse": float(terms["mse"]), "dead": float((since >= window).float().mean())}
+                last = {"mse": float(terms["mse"].detach()), "dead": float((since >= window).float().mean())}
                 bar.set_postfix(last)
     bar.close()
     sae.eval()

@@ -144,3 +144,15 @@ def dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def environment(dev: torch.device | None = None) -> dict[str, Any]:
+    """Where an artifact was computed (float sums depend on the thread count and kernels): kept in its meta."""
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(dev) if dev is not None else "cpu",
+    }

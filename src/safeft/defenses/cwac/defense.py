@@ -37,6 +37,7 @@ from safeft.defenses.cwac.common import (
     ARTIFACT_VERSION,
     device_of,
     digest,
+    environment,
     norm_text,
     pad_id,
     prompt_ids,
@@ -90,6 +91,7 @@ class CWAC(Defense):
         self.answers: list[str] = []
         self.splits: dict[str, list[int]] = {}
         self.sae_layers: list[int] = []
+        self._resolved_judge: tuple[Callable[[list[str], list[str]], list[str]], str] | None = None
 
     # ---- public hooks --------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: DefenseContext) -> dict[str, Any]:
@@ -136,6 +138,7 @@ class CWAC(Defense):
 
     def _prepare_inner(self, model: nn.Module, ctx: DefenseContext, install: bool) -> dict[str, Any]:
         cfg = self.config
+        self._resolved_judge = None
         t0 = time.perf_counter()
         m = unwrap_model(model)
         blocks = decoder_layers(m)
@@ -253,6 +256,12 @@ class CWAC(Defense):
         )
 
     def _judge(self) -> tuple[Callable[[list[str], list[str]], list[str]], str]:
+        """The anchor judge's ``outcomes`` and its name, resolved once per ``prepare``."""
+        if self._resolved_judge is None:
+            self._resolved_judge = self._resolve_judge()
+        return self._resolved_judge
+
+    def _resolve_judge(self) -> tuple[Callable[[list[str], list[str]], list[str]], str]:
         if self.outcome_fn is not None:
             return self.outcome_fn, "custom"
         if self.refusal_fn is not None:
@@ -309,7 +318,13 @@ class CWAC(Defense):
                 f"(subspace / scoring / baseline / causal-check sets): add defense.cwac.anchor_sources"
             )
         anchors = [candidates[i][1] for i in picked]
-        info = {**cstats, **sel, "judge": judge_name, "candidates": len(candidates)}
+        info = {
+            **cstats,
+            **sel,
+            "judge": judge_name,
+            "candidates": len(candidates),
+            "env": environment(device_of(m)),
+        }
         info["anchor_sources"] = {
             s: sum(1 for i in picked if candidates[i][0] == s) for s in cfg.anchor_sources
         }
@@ -569,6 +584,7 @@ class CWAC(Defense):
             saes[L] = sae.eval().requires_grad_(False)
             meta["layers"][str(L)] = {"d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k, **st}
         meta["seconds"] = round(time.perf_counter() - t0, 3)
+        meta["env"] = environment(dev)
         self.stats["computed"].append(SAE)
         if store is not None:
             tensors = {f"sae.{L}.{k}": v for L, s in saes.items() for k, v in s.state_dict().items()}

@@ -144,19 +144,30 @@ def sae_documents(
 
 
 # ---- capture to disk -------------------------------------------------------------------------------------------------
-def _doc_batches(docs: list[list[int]], first: int, max_tokens: int = 8192, max_docs: int = 32):
-    """Consecutive documents from ``first`` in batches of at most ``max_tokens`` padded tokens / ``max_docs``."""
-    i = first
-    while i < len(docs):
-        j, width = i, 0
-        while j < len(docs) and j - i < max_docs:
-            w = max(width, len(docs[j]))
-            if j > i and w * (j - i + 1) > max_tokens:
-                break
-            width = w
-            j += 1
-        yield i, j
-        i = j
+WINDOW_DOCS = 64  # documents captured together; the unit written to disk
+
+
+def _windows(n: int, first: int):
+    """Consecutive document windows ``[i, j)`` from ``first``: the unit written to disk (resume restarts at one)."""
+    size = WINDOW_DOCS
+    for i in range(first, n, size):
+        yield i, min(n, i + size)
+
+
+def _length_batches(lengths: list[int], max_tokens: int = 8192, max_docs: int = 32) -> list[list[int]]:
+    """Indices sorted by length, cut into batches of at most ``max_tokens`` padded tokens / ``max_docs``: little
+    padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur and (len(cur) >= max_docs or lengths[i] * (len(cur) + 1) > max_tokens):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
 
 
 @torch.no_grad()
@@ -177,7 +188,7 @@ def capture_to_store(
 
     dev = next(model.parameters()).device
     d = int(model.get_input_embeddings().weight.shape[1])
-    writer = ShardWriter(directory, layers, d, key, shard_rows=max(1024, SHARD_BYTES // (2 * d)))
+    writer = ShardWriter(directory, layers, d, key, shard_rows=max(1, SHARD_BYTES // (2 * d)))
     if writer.complete:
         return ShardReader(directory)
     total = sum(max(0, len(x) - start) for x in docs)
@@ -191,16 +202,20 @@ def capture_to_store(
         disable=not progress,
     )
     t0 = time.perf_counter()
-    for i, j in _doc_batches(docs, writer.docs_done):
-        part = docs[i:j]
-        ids, lengths = pad_right(part, pad)
-        hs = run_to_layers(model, ids.to(dev), length_mask(lengths, ids.shape[1]).to(dev), layers)
-        sel = (torch.arange(ids.shape[1])[None] < lengths[:, None]) & (
-            torch.arange(ids.shape[1])[None] >= start
-        )
-        sel = sel.to(dev)
-        writer.add({L: hs[L][sel] for L in layers}, docs_done=j)
-        bar.update(int(sel.sum()))
+    for i, j in _windows(len(docs), writer.docs_done):
+        window = docs[i:j]
+        rows: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
+        for part in _length_batches([len(x) for x in window]):
+            ids, lengths = pad_right([window[k] for k in part], pad)
+            pos = torch.arange(ids.shape[1])[None]
+            sel = (pos < lengths[:, None]) & (pos >= start)
+            hs = run_to_layers(model, ids.to(dev), length_mask(lengths, ids.shape[1]).to(dev), layers)
+            sel_dev = sel.to(dev)
+            for L in layers:
+                rows[L].append(hs[L][sel_dev].cpu())
+            bar.update(int(sel.sum()))
+        # whole windows only: a shard never ends inside a window, so a resumed capture restarts at a window
+        writer.add({L: torch.cat(v) for L, v in rows.items()}, docs_done=j)
     writer.close({"tokens": total, "seconds": round(time.perf_counter() - t0, 3)})
     bar.close()
     return ShardReader(directory)
