@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from safeft.components.capture import decoder_layers
-from safeft.components.sae import StoreRows, TopKSAE, check_sae_fits, save_sae, train_sae
+from safeft.components.sae import TopKSAE, check_sae_fits, save_sae
 from safeft.defenses.base import Defense, DefenseContext, register_defense, unwrap_model
 from safeft.defenses.cwac import anchors as A
 from safeft.defenses.cwac import features as F
@@ -46,11 +47,11 @@ from safeft.defenses.cwac.common import (
     theta0,
 )
 from safeft.defenses.cwac.config import CWACActivationConfig, CWACConfig, CWACWeightConfig
+from safeft.defenses.cwac.report import summary_lines
 from safeft.defenses.cwac.weights import WeightConstraint
 from safeft.errors import SafeFTError
 
 ANCHORS, SUBSPACE, SAE, FEATURES = "cwac-anchors", "cwac-subspace", "cwac-sae", "cwac-features"
-MIN_SAE_STEPS = 1000
 ACTIVATIONS = "cwac-activations"  # resumable SAE-capture shards (not an artifact; removed after training)
 
 
@@ -427,26 +428,12 @@ class CWAC(Defense):
             z_base = {L: tensors[f"z_base.{L}"] for L in layers}
         else:
             t0 = time.perf_counter()
-            score_prompts = [self.anchors[i] for i in self.splits["score"]]
+            score_seqs = prompt_ids(tok, tpl, [self.anchors[i] for i in self.splits["score"]], ml)
             with theta0(m):
-                za = F.codes_at_last_positions(
-                    m, saes, prompt_ids(tok, tpl, score_prompts, ml), cfg.n_positions, pad
-                )
-                zh = F.codes_at_last_positions(
-                    m, saes, prompt_ids(tok, tpl, harmless, ml), cfg.n_positions, pad
-                )
-                feats, z_base, meta = {}, {}, {"layers": {}}
-                for L in layers:
-                    score = za[L].double().mean((0, 1)) - zh[L].double().mean((0, 1))
-                    feats[L] = F.select_features(score, cfg.n_features)
-                    meta["layers"][str(L)] = {
-                        "n_features": int(feats[L].numel()),
-                        "score_top": float(score.max()),
-                        "score_mean_selected": float(score[feats[L]].mean()) if feats[L].numel() else 0.0,
-                        "positive_scores": int((score > 0).sum()),
-                    }
-                zb = F.codes_at_last_positions(m, saes, base_seqs, cfg.n_positions, pad)
-                z_base = {L: zb[L][..., feats[L]] for L in layers}
+                feats, z_base, meta = F.safety_features(
+                    m, saes, score_seqs, prompt_ids(tok, tpl, harmless, ml), base_seqs, cfg.n_features,
+                    cfg.n_positions, pad,
+                )  # fmt: skip
                 if cfg.causal_check:
                     outcomes, _ = self._judge()
                     n_tok = cfg.max_new_tokens_anchor_check
@@ -505,13 +492,8 @@ class CWAC(Defense):
             saes = F.load_pretrained(cfg.sae_path, cfg.requested_sae_layers(), len(decoder_layers(m)))
             for L, sae in saes.items():
                 check_sae_fits(sae, hidden, source=f"defense.cwac.sae_path={cfg.sae_path} (layer {L})")
-            stamp = {"sae_path": cfg.sae_path, "layers": sorted(saes)}
-            from pathlib import Path
-
-            for f in sorted(Path(cfg.sae_path).rglob("sae_weights.safetensors")):
-                st = f.stat()
-                stamp[str(f.relative_to(cfg.sae_path))] = [st.st_size, st.st_mtime_ns]
-            return saes, {"sae_source": cfg.sae_path, "sae_layers": sorted(saes)}, _key_digest(stamp)
+            stamp = _key_digest(F.pretrained_stamp(cfg.sae_path, sorted(saes)))
+            return saes, {"sae_source": cfg.sae_path, "sae_layers": sorted(saes)}, stamp
         key = {
             "version": ARTIFACT_VERSION,
             "anchors": _key_digest(akey),
@@ -556,33 +538,23 @@ class CWAC(Defense):
         )  # fmt: skip
         if not docs:
             raise SafeFTError("CWAC: no SAE training text (no harmful or general documents)")
-        import tempfile
-        from pathlib import Path
-
         tmp = None
         if ctx.artifacts_dir is not None:
             acts_dir = Path(ctx.artifacts_dir) / ACTIVATIONS / stamp
         else:
             tmp = tempfile.mkdtemp(prefix="cwac-acts-")
             acts_dir = Path(tmp)
+        dev = device_of(m)
         with theta0(m):
             reader = F.capture_to_store(
                 m, docs, layers, acts_dir, {"sae": stamp, "docs": dstats}, start, pad_id(tok), self.progress
             )
-        saes, meta = {}, {"data": dstats, "layers": {}}
-        dev = device_of(m)
-        for L in layers:
-            rows = StoreRows(reader, L, F.HELDOUT_FRACTION)
-            width = cfg.sae_width_factor * hidden
-            # default steps: one pass over the rows, at least MIN_SAE_STEPS (several passes on small budgets)
-            steps = cfg.sae_steps or max(math.ceil(rows.n_train / cfg.sae_batch_size), MIN_SAE_STEPS)
-            sae, st = train_sae(
-                rows, d_sae=width, k=min(cfg.sae_k, width), steps=steps, lr=cfg.sae_lr,
-                batch_size=cfg.sae_batch_size, seed=int(ctx.seed) + L, device=dev, progress=self.progress,
-                aux_coef=cfg.sae_aux_coef, desc=f"CWAC: training the SAE of layer {L}",
-            )  # fmt: skip
-            saes[L] = sae.eval().requires_grad_(False)
-            meta["layers"][str(L)] = {"d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k, **st}
+        saes, layer_meta = F.train_saes(
+            reader, layers, width=cfg.sae_width_factor * hidden, k=cfg.sae_k, steps=cfg.sae_steps,
+            batch_size=cfg.sae_batch_size, lr=cfg.sae_lr, aux_coef=cfg.sae_aux_coef, seed=int(ctx.seed),
+            device=dev, progress=self.progress,
+        )  # fmt: skip
+        meta = {"data": dstats, "layers": layer_meta}
         meta["seconds"] = round(time.perf_counter() - t0, 3)
         meta["env"] = environment(dev)
         self.stats["computed"].append(SAE)
@@ -596,38 +568,8 @@ class CWAC(Defense):
         return saes, meta, stamp
 
     def _print_summary(self, s: dict[str, Any]) -> None:
-        info = s["anchor_info"]
-        src = ", ".join(f"{k} {v}" for k, v in info.get("anchor_sources", {}).items())
-        self.log(
-            f"CWAC: {s['anchors']} anchors ({src}; judge {info.get('judge')}; {info.get('checked')} checked), "
-            f"splits {s['splits']}"
-        )
-        if "subspace" in s:
-            sm = s["subspace"]
-            self.log(
-                f"CWAC subspace (energy {self.config.energy}, {'centred + mean' if self.config.subspace_center else 'uncentred'}, "
-                f"{sm['rows']} decision rows from position {sm['start']}): rank/d_in per module input"
-            )
-            for line in S.per_layer_lines(sm):
-                self.log(line)
-        if "sae" in s:
-            for L, lm in sorted(s["sae"].get("layers", {}).items(), key=lambda kv: int(kv[0])):
-                ev = lm.get("explained_variance")
-                self.log(
-                    f"CWAC SAE layer {L}: {lm.get('d_in')}→{lm.get('d_sae')}, k={lm.get('k')}"
-                    + (
-                        f", held-out FVU {1 - ev:.3f}, dead {lm['dead_fraction']:.1%}, L0 {lm['l0']:.1f}"
-                        if ev is not None
-                        else ""
-                    )
-                )
-            fm = s["features"]
-            per = ", ".join(f"{L}: {v['n_features']}" for L, v in fm.get("layers", {}).items())
-            self.log(f"CWAC safety latents per layer ({per}); {fm.get('baselines')} baselines")
-        self.log(
-            f"CWAC cache: computed {self.stats['computed']}, loaded {self.stats['loaded']}; "
-            f"{s['prepare_seconds']:.1f}s"
-        )
+        for line in summary_lines(s, self.config.energy, self.config.subspace_center, self.stats):
+            self.log(line)
 
 
 @register_defense

@@ -27,7 +27,7 @@ from torch import nn
 
 from safeft.components.activation_store import ShardReader, ShardWriter
 from safeft.components.capture import run_to_layers
-from safeft.components.sae import TopKSAE, ablate_latents_hook, load_sae
+from safeft.components.sae import StoreRows, TopKSAE, ablate_latents_hook, load_sae, train_sae
 from safeft.defenses.cwac.common import last_positions, length_mask, norm_text, pad_right
 from safeft.errors import SafeFTError
 
@@ -225,7 +225,52 @@ def remove_store(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+# ---- training -------------------------------------------------------------------------------------------------------
+MIN_SAE_STEPS = (
+    1000  # default steps: one pass over the rows, but at least this many (several passes on small data)
+)
+
+
+def train_saes(
+    reader: ShardReader,
+    layers: Sequence[int],
+    *,
+    width: int,
+    k: int,
+    steps: int | None,
+    batch_size: int,
+    lr: float,
+    aux_coef: float,
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[dict[int, TopKSAE], dict[str, dict[str, Any]]]:
+    """One SAE per layer from the captured rows (:func:`~safeft.components.sae.train_sae`, streamed, the stream's
+    tail held out). Returns ``({layer: sae}, {str(layer): shapes + held-out stats})``."""
+    saes: dict[int, TopKSAE] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for L in layers:
+        rows = StoreRows(reader, L, HELDOUT_FRACTION)
+        n_steps = steps or max(math.ceil(rows.n_train / batch_size), MIN_SAE_STEPS)
+        sae, st = train_sae(
+            rows, d_sae=width, k=min(k, width), steps=n_steps, lr=lr, batch_size=batch_size, seed=seed + L,
+            device=device, progress=progress, aux_coef=aux_coef, desc=f"CWAC: training the SAE of layer {L}",
+        )  # fmt: skip
+        saes[L] = sae.eval().requires_grad_(False)
+        meta[str(L)] = {"d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k, **st}
+    return saes, meta
+
+
 # ---- pretrained SAEs -------------------------------------------------------------------------------------------------
+def pretrained_stamp(path: str, layers: list[int]) -> dict[str, Any]:
+    """What identifies pretrained SAE files in a cache key: path, layers, and each weights file's size and mtime."""
+    stamp: dict[str, Any] = {"sae_path": path, "layers": layers}
+    for f in sorted(Path(path).rglob("sae_weights.safetensors")):
+        st = f.stat()
+        stamp[str(f.relative_to(path))] = [st.st_size, st.st_mtime_ns]
+    return stamp
+
+
 def load_pretrained(path: str, requested: list[int] | None, n_layers: int) -> dict[int, TopKSAE]:
     """SAEs from ``sae_path``: a SAELens folder (``cfg.json``; its layer is ``hook_layer`` unless one layer is
     requested) or a folder of ``layer_<L>/`` SAELens folders (our export). Requested layers must be present."""
@@ -292,6 +337,37 @@ def select_features(score: torch.Tensor, n: int) -> torch.Tensor:
     vals, idx = torch.sort(score, descending=True, stable=True)
     keep = idx[:n][vals[:n] > 0]
     return keep.sort().values
+
+
+@torch.no_grad()
+def safety_features(
+    model: nn.Module,
+    saes: dict[int, TopKSAE],
+    score_seqs: Sequence[Sequence[int]],
+    harmless_seqs: Sequence[Sequence[int]],
+    base_seqs: Sequence[Sequence[int]],
+    n_features: int,
+    n_positions: int,
+    pad: int,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[str, Any]]:
+    """S and the baselines per SAE layer (θ₀ must be active): latents ranked by mean code on the scoring anchors
+    minus on harmless prompts at the last ``n_positions`` prompt positions, and θ₀'s codes of S there for the
+    baseline anchors (``[n_base, n_positions, |S|]``). Returns ``(features, z_base, meta)``."""
+    za = codes_at_last_positions(model, saes, score_seqs, n_positions, pad)
+    zh = codes_at_last_positions(model, saes, harmless_seqs, n_positions, pad)
+    feats: dict[int, torch.Tensor] = {}
+    meta: dict[str, Any] = {"layers": {}}
+    for L in sorted(saes):
+        score = za[L].double().mean((0, 1)) - zh[L].double().mean((0, 1))
+        feats[L] = select_features(score, n_features)
+        meta["layers"][str(L)] = {
+            "n_features": int(feats[L].numel()),
+            "score_top": float(score.max()),
+            "score_mean_selected": float(score[feats[L]].mean()) if feats[L].numel() else 0.0,
+            "positive_scores": int((score > 0).sum()),
+        }
+    zb = codes_at_last_positions(model, saes, base_seqs, n_positions, pad)
+    return feats, {L: zb[L][..., feats[L]] for L in sorted(saes)}, meta
 
 
 # ---- causal check ----------------------------------------------------------------------------------------------------
