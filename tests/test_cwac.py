@@ -167,6 +167,10 @@ def test_config_validation_names_field():
     assert get_defense_class("cwac-weight")().config.weight is True
     assert get_defense_class("cwac-activation")().config.weight is False
     assert CWACConfig().n_anchor >= 200
+    from safeft.demo import DEMO_DEFENSE_OPTIONS
+
+    demo = CWACConfig(**DEMO_DEFENSE_OPTIONS["cwac"])  # the demo's options stay valid
+    assert demo.anchor_sources == ["pool"] and demo.require_causal is False
 
 
 def test_both_switches_off_is_exactly_sft(tiny_tokenizer, tmp_path):
