@@ -745,3 +745,24 @@ def test_sae_capture_resumes_after_interruption(tiny_tokenizer, tmp_path, monkey
         a = torch.cat(list(full.iter_range(L, 0, full.n_rows)))
         b = torch.cat(list(resumed.iter_range(L, 0, resumed.n_rows)))
         assert torch.allclose(a, b, atol=1e-2)
+
+
+def test_long_prompts_keep_their_decision_positions(tiny_tokenizer):
+    long = "how do i " + " ".join(WORDS * 3)  # far longer than max_length
+    seqs = S.anchor_sequences(tiny_tokenizer, "chat", [long, HARMFUL[1]], [REFUSAL] * 2, 128)
+    (ids, pl), (ids2, _) = seqs
+    # cut from the start: the end of the prompt and the refusal remain
+    assert len(ids) == 128 and 0 < pl < 128
+    full = S.anchor_sequences(tiny_tokenizer, "chat", [long, HARMFUL[1]], [REFUSAL] * 2, 10**6)
+    assert ids == full[0][0][-128:] and len(ids2) < 128 and ids2 == full[1][0]
+    docs, _ = F.sae_documents(
+        tiny_tokenizer, "chat", 32, [long], {norm(long): REFUSAL}, [], [], budget=100, benign_fraction=0.0,
+        start=2, seed=0, log=lambda *_: None,
+    )  # fmt: skip
+    assert len(docs) == 1 and len(docs[0]) == 32  # a prompt longer than max_length: its end, no error
+
+
+def norm(text: str) -> str:
+    from safeft.defenses.cwac.common import norm_text
+
+    return norm_text(text)

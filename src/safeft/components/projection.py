@@ -101,7 +101,8 @@ def basis_from_rows(
     """Orthonormal basis ``V: [d, r]`` (float32) of the directions that hold ``energy`` of the rows' energy.
 
     X: ``[N, d]`` rows (any float dtype, cpu). Uncentred: the top eigenvectors of XᵀX holding ``energy`` of its
-    trace. ``center``: the same on the centred rows X − x̄, **plus the mean direction** x̄/‖x̄‖ (so r = k + 1): the
+    trace. ``center``: the same on the centred rows X − x̄, **plus the mean direction** x̄/‖x̄‖ (r = k + 1 unless it is
+    already in the span): the
     energy split then ranks the directions along which the rows differ, while a shift common to all of them stays
     blocked too. The eigenproblem is solved on the smaller side, min(N, d): for N ≤ d the N × N Gram matrix
     G = X Xᵀ (V = Xᵀ U Σ⁻¹), else the d × d covariance; both float64, accumulated over column / row chunks of
@@ -145,9 +146,12 @@ def basis_from_rows(
         k = _energy_rank(evals, energy)
         V = U[:, :k]
         method = "cov"
+    V, _ = torch.linalg.qr(V)  # re-orthonormalise (the Gram route divides by small σ); keeps the span
     if center and float(mu.norm()) > 0:
-        V = torch.cat([(mu / mu.norm())[:, None], V], dim=1)
-    V, _ = torch.linalg.qr(V)  # re-orthonormalise (Gram route, mean column); keeps the span
+        u = mu / mu.norm()
+        r = u - V @ (V.T @ u)  # the part of the mean direction not already in span(V)
+        if float(r.norm()) > 1e-6:
+            V = torch.cat([V, (r / r.norm())[:, None]], dim=1)
     kept = 0.0
     total = 0.0
     for i in range(0, N, chunk):

@@ -77,9 +77,11 @@ def sae_documents(
 
     def doc(prompt: str, response: str | None) -> list[int]:
         if response:
-            return list(
-                tokenize_example(tokenizer, Example(prompt, response), template, max_length)["input_ids"]
-            )
+            try:
+                row = tokenize_example(tokenizer, Example(prompt, response), template, max_length)
+                return list(row["input_ids"])
+            except SafeFTError:  # the prompt alone fills max_length: keep its end, as below
+                pass
         ids = tokenizer(format_prompt(tokenizer, prompt, template), add_special_tokens=False)["input_ids"]
         return list(ids)[-max_length:]
 

@@ -151,14 +151,19 @@ def module_groups(
 def anchor_sequences(
     tokenizer: Any, template: str, prompts: Sequence[str], answers: Sequence[str], max_length: int
 ) -> list[tuple[list[int], int]]:
-    """``[(input_ids, prompt_length)]``: each anchor prompt + θ₀'s refusal, chat-formatted and teacher-forced."""
+    """``[(input_ids, prompt_length)]``: each anchor prompt + θ₀'s refusal, chat-formatted and teacher-forced.
+    A sequence longer than ``max_length`` loses tokens from the **start** (the decision positions, at the end of
+    the prompt and the start of the answer, are always kept)."""
     from safeft.data import Example, tokenize_example
 
     out = []
     for p, a in zip(prompts, answers):
-        row = tokenize_example(tokenizer, Example(p, a, kind="refusal"), template, max_length)
+        row = tokenize_example(tokenizer, Example(p, a, kind="refusal"), template, 10**9)
+        ids = list(row["input_ids"])
         n_prompt = sum(1 for lab in row["labels"] if lab == -100)
-        out.append((list(row["input_ids"]), n_prompt))
+        cut = max(0, len(ids) - max_length)
+        cut = min(cut, max(0, n_prompt - 1))  # keep at least the last prompt token
+        out.append((ids[cut:][:max_length], n_prompt - cut))
     return out
 
 
