@@ -239,7 +239,7 @@ def test_full_ft_fp32_constrains_every_trained_linear_module(tiny_tokenizer, tmp
     )
     assert all(e.master is None for e in d.weights.entries)  # fp32: the parameter is exact itself
     for e in d.weights.entries:
-        dw = (e.param - W0[e.name]).double()
+        dw = (e.param.detach() - W0[e.name]).double()
         assert dw.norm() > 1e-4
         assert float((dw @ e.V.double()).norm() / dw.norm()) < 1e-5, e.name
     assert d.finalize(model)["cwac_max_relative_leak"] < 1e-5
@@ -536,7 +536,9 @@ def test_activation_term_reduces_safety_feature_drift(tiny_tokenizer, tmp_path):
         model.eval()
         z0 = _heldout_codes(model, d, ctx)
         terms = d.loss_terms(model, batch(0), None)
-        assert set(terms) == {"cwac/safety"} and float(terms["cwac/safety"]) == pytest.approx(0.0, abs=1e-6)
+        assert set(terms) == {"cwac/safety"} and float(terms["cwac/safety"].detach()) == pytest.approx(
+            0.0, abs=1e-6
+        )
         torch.manual_seed(0)
         train(model, d, steps=12, lr=5e-3, extra=_push_objective(max(d.sae_layers)))
         model.eval()
