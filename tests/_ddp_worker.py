@@ -29,8 +29,13 @@ from helpers_models import make_tiny_model, make_tiny_model_dir, make_tiny_token
 from safeft.defenses.base import Defense, unwrap_model  # noqa: E402
 
 N_EXAMPLES = 16
-HARMFUL = [f"how do i bake bread at home step {i} and hide it" for i in range(24)]
-HARMLESS = [f"the movie was great and the acting was good {i}" for i in range(12)]
+_W = (
+    "how do i bake bread at home the movie was great and acting good bad boring what is capital of france "
+    "paris sure here step by it cannot help with that request positive negative world sports"
+).split()
+# distinct word orders: anchors must not be near-duplicates of each other (CWAC collapses those)
+HARMFUL = [" ".join(_W[(7 * i + j * (i % 5 + 2)) % len(_W)] for j in range(9)) + f" {i}" for i in range(24)]
+HARMLESS = [" ".join(_W[(3 * i + 5 * j) % len(_W)] for j in range(6)) + f" {i}" for i in range(12)]
 WORDS = ["the movie was great", "the movie was bad and boring", "what is the capital of france"]
 
 
@@ -84,7 +89,12 @@ def build_defenses(kind: str, tok, work: Path, model) -> list:
 
         d = CWAC(
             CWACConfig(
+                anchor_sources=["pool"],
+                anchor_judge="keyword",
+                sae_general_sources=["harmless"],
+                sae_tokens=800,
                 sae_steps=20,
+                sae_batch_size=128,
                 sae_width_factor=2,
                 sae_k=32,
                 n_features=4,
@@ -95,6 +105,7 @@ def build_defenses(kind: str, tok, work: Path, model) -> list:
             )
         )
         d.log = lambda *_a: None
+        d.progress = False
         d.answer_fn = lambda _m, _t, prompts, _tpl, _n: ["i cannot help with that request"] * len(prompts)
     else:
         from safeft.defenses.asft import AsFT

@@ -19,6 +19,14 @@ def always_refuses(monkeypatch):
     monkeypatch.setattr(KeywordJudge, "is_refusal", lambda self, text: True)
 
 
+# small everything; the demo's own prompts only (anchors from the run's pool, the SAE's general text from the
+# harmless pool) so the test needs no shared data
+FAST = {"n_anchor": 24, "anchor_sources": ["pool"], "sae_general_sources": ["harmless"], "sae_tokens": 1500,
+        "sae_steps": 20, "sae_batch_size": 256, "sae_width_factor": 2, "sae_k": 4, "n_features": 8,
+        "n_positions": 2, "anchor_batch": 2, "max_new_tokens_anchor_check": 2, "causal_check": False,
+        "anchor_judge": "keyword"}
+
+
 def _cfg(tmp_path, model_dir, **extra):
     s = {
         "model.aligned": str(model_dir),
@@ -29,9 +37,7 @@ def _cfg(tmp_path, model_dir, **extra):
         "training.progress": False, "training.logging_steps": 1,
         "eval.harmful_source": "demo", "eval.n_harmful": 3, "eval.n_task": 3, "eval.max_new_tokens": 3,
         "defense.name": "cwac",
-        "defense.options.cwac": {"n_anchor": 24, "sae_steps": 20, "sae_width_factor": 2, "sae_k": 4,
-                                 "n_features": 8, "n_positions": 2, "anchor_batch": 2,
-                                 "max_new_tokens_anchor_check": 2, "causal_check": False},
+        "defense.options.cwac": dict(FAST),
     }
     s.update(extra)
     return build_config(None, s)
@@ -47,7 +53,7 @@ def test_cwac_prepare_train_eval_and_cache(tmp_path, always_refuses):
     prep = run_prepare(cfg, log=lambda *a: None)
     art_root = tmp_path / "cache" / "artifacts"
     first = _manifests(art_root)
-    assert {"cwac-anchors", "cwac-subspace", "cwac-sae"} <= set(first), first
+    assert {"cwac-anchors", "cwac-subspace", "cwac-sae", "cwac-features"} <= set(first), first
     assert prep["cwac"]["prepare_seconds"] > 0
 
     rec = run_train(cfg, keep_model=True, log=lambda *a: None)
@@ -62,12 +68,7 @@ def test_cwac_prepare_train_eval_and_cache(tmp_path, always_refuses):
     # the weight-only ablation reuses the same cached artifacts and adds no loss term
     cfg_w = _cfg(tmp_path, model_dir, **{"defense.name": "cwac-weight",
                                          "training.output_dir": str(tmp_path / "run_w"),
-                                         "defense.options.cwac-weight": {"n_anchor": 24, "sae_steps": 20,
-                                                                         "sae_width_factor": 2, "sae_k": 4,
-                                                                         "n_features": 8, "n_positions": 2,
-                                                                         "anchor_batch": 2,
-                                                                         "max_new_tokens_anchor_check": 2,
-                                                                         "causal_check": False}})
+                                         "defense.options.cwac-weight": dict(FAST)})
     cfg_w.defense.options.pop("cwac", None)
     rec_w = run_train(cfg_w, log=lambda *a: None)
     assert _manifests(art_root) == first

@@ -45,7 +45,19 @@ DEMO_SETTINGS: dict[str, Any] = {
 DEMO_DEFENSE_OPTIONS: dict[str, dict[str, Any]] = {
     "lisa": {"align_steps": 3, "user_steps": 6},
     "safeinstr": {"fraction": 0.1},
-    "cwac": {"sae_steps": 200, "n_anchor": 57},
+    # CWAC on the demo's own data only (offline, self-contained): its ~60 refused demo prompts as anchors, the
+    # demo's harmless prompts as the SAE's general text (the stream runs out far below the 1M-token default), 300
+    # SAE steps. The causal check is printed but does not stop the demo (require_causal: false): 60 synthetic
+    # anchors are too few to promise causal SAE features; read its line in the log.
+    "cwac": {
+        "n_anchor": 57,
+        "anchor_sources": ["pool"],
+        "sae_general_sources": ["harmless"],
+        "sae_tokens": 100000,
+        "sae_steps": 300,
+        "sae_batch_size": 1024,
+        "require_causal": False,
+    },
     "pact": {"n_pairs": 57},
 }
 
@@ -86,14 +98,18 @@ def _row(defense: str, report: dict[str, Any], train_seconds: float | None) -> d
     }
 
 
-def run_demo(out_dir: str = "runs/demo", defenses: str | None = None, fresh: bool = False, log: Any = print) -> int:
+def run_demo(
+    out_dir: str = "runs/demo", defenses: str | None = None, fresh: bool = False, log: Any = print
+) -> int:
     from safeft.defenses import defense_names
     from safeft.pipeline import build_splits, resolve, run_eval, run_train
 
     t0 = time.perf_counter()
     out = Path(out_dir)
     available = defense_names()
-    names = [d.strip() for d in defenses.split(",")] if defenses else [d for d in DEFAULT_ORDER if d in available]
+    names = (
+        [d.strip() for d in defenses.split(",")] if defenses else [d for d in DEFAULT_ORDER if d in available]
+    )
     for n in names:
         if n not in available:
             raise SafeFTError(f"--defenses: unknown defense {n!r}; choose from {', '.join(available)}")
@@ -104,8 +120,10 @@ def run_demo(out_dir: str = "runs/demo", defenses: str | None = None, fresh: boo
     aligned_dir = resolve(cfg, cfg.model.aligned, log=log)
     log(f"      θ₀ = {aligned_dir}")
     splits = build_splits(cfg)
-    log(f"[2/3] evaluating θ₀ on {min(cfg.eval.n_harmful, len(splits.eval_harmful))} held-out harmful prompts, "
-        f"{cfg.eval.n_task} sentiment test sentences, {cfg.eval.n_xstest} safe contrast prompts")
+    log(
+        f"[2/3] evaluating θ₀ on {min(cfg.eval.n_harmful, len(splits.eval_harmful))} held-out harmful prompts, "
+        f"{cfg.eval.n_task} sentiment test sentences, {cfg.eval.n_xstest} safe contrast prompts"
+    )
     base_eval = run_eval(cfg, splits=splits, out_path=out / "aligned" / "eval.json")
     rows = [_row("aligned", base_eval, None)]
     for i, name in enumerate(names, start=1):
@@ -135,6 +153,8 @@ def run_demo(out_dir: str = "runs/demo", defenses: str | None = None, fresh: boo
     atomic_write_json(out / "summary.json", summary)
     print()
     print(_table(rows))
-    print(f"\njudge: {summary['judge']}; HS on held-out demo harmful prompts, FA on held-out demo sentiment sentences; "
-          f"95% bootstrap CIs in brackets; wall time {total / 60:.1f} min; details in {out}/summary.json")
+    print(
+        f"\njudge: {summary['judge']}; HS on held-out demo harmful prompts, FA on held-out demo sentiment sentences; "
+        f"95% bootstrap CIs in brackets; wall time {total / 60:.1f} min; details in {out}/summary.json"
+    )
     return 0

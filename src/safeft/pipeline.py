@@ -295,6 +295,7 @@ def build_context(cfg: RunConfig, model, tokenizer, splits: Splits, aligned_dir:
         refusal_pairs=[(e.prompt, e.response) for e in splits.refusal_pairs],
         alignment_examples=list(splits.refusal_pairs) + list(splits.benign),
         eval_prompts=list(splits.eval_harmful) + list(splits.xstest_safe),
+        poison_prompts=[e.prompt for e in splits.poison],
         use_lora=cfg.training.method == "lora",
         max_length=cfg.data.max_length,
         seed=cfg.training.seed,
@@ -326,7 +327,7 @@ def run_prepare(cfg: RunConfig, log: Any = print) -> dict[str, Any]:
     _check_defense_needs(cfg, defenses)
     aligned_dir = resolve(cfg, cfg.model.aligned, log=log)
     base_dir = resolve(cfg, cfg.model.base, log=log) if cfg.model.base else None
-    splits = build_splits(cfg, need_poison=False)
+    splits = build_splits(cfg)  # the poison pool too: anchors are kept disjoint from it (same artifacts as train)
     model, tokenizer, _ = load_model(str(aligned_dir), dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir,
                                      trust_remote_code=cfg.model.trust_remote_code)
     fp = fingerprint(aligned_dir)

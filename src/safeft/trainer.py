@@ -67,7 +67,7 @@ class SafeTrainer(Trainer):
     def __init__(self, *args: Any, defenses: list[Defense] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.defenses: list[Defense] = list(defenses or [])
-        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_sums: dict[str, Any] = defaultdict(float)  # float 0.0 or a device tensor
         self._term_counts: dict[str, int] = defaultdict(int)
         self.add_callback(_DefenseCallback(self))
 
@@ -109,13 +109,15 @@ class SafeTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _log_term(self, name: str, value: torch.Tensor) -> None:
-        self._term_sums[name] += float(value.detach().float())
+        # summed as a tensor on its device: a float() here would synchronise with the device every micro-batch;
+        # the sums are read only when a log line is written
+        self._term_sums[name] = self._term_sums[name] + value.detach().float()
         self._term_counts[name] += 1
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._term_counts and "loss" in logs:
             for name, total in self._term_sums.items():
-                logs[name] = round(total / max(1, self._term_counts[name]), 6)
+                logs[name] = round(float(total) / max(1, self._term_counts[name]), 6)
             self._term_sums.clear()
             self._term_counts.clear()
         super().log(logs, *args, **kwargs)

@@ -69,6 +69,115 @@ def top_energy_basis(C: torch.Tensor, energy: float) -> torch.Tensor:
     return evecs[:, :k].to(C.dtype).contiguous()
 
 
+def project_update_out_w0v(W: torch.Tensor, W0V: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """Full fine-tuning form that needs only ``W₀V`` (``[d_out, k]``), not W₀: ``W − (W V − W₀V) Vᵀ``.
+
+    Equal to :func:`project_update_out` (``(W V − W₀V) = (W − W₀) V``); the update's rows lose their span(V)
+    part. W: ``[d_out, d_in]``, V: ``[d_in, k]`` orthonormal. Maths in float32 (float64 for float64 W); returns
+    W's dtype."""
+    if W.shape[0] != W0V.shape[0] or W0V.shape[1] != V.shape[1] or W.shape[1] != V.shape[0]:
+        raise SafeFTError(
+            f"projection: W {tuple(W.shape)}, W0V {tuple(W0V.shape)} and V {tuple(V.shape)} do not fit together"
+        )
+    wd = _work_dtype(W)
+    w = W.to(wd)
+    v = V.to(device=W.device, dtype=wd)
+    return (w - (w @ v - W0V.to(device=W.device, dtype=wd)) @ v.T).to(W.dtype)
+
+
+def _energy_rank(evals: torch.Tensor, energy: float) -> int:
+    """Smallest k whose top-k eigenvalues (descending, ≥ 0) hold ``energy`` of their sum (at least 1)."""
+    total = evals.sum()
+    if total <= 0:
+        raise SafeFTError("subspace basis: the rows are all zero (no inputs were captured)")
+    cum = torch.cumsum(evals, 0)
+    k = int(torch.searchsorted(cum, energy * total * (1 - 1e-12)).item()) + 1
+    return max(1, min(k, evals.shape[0]))
+
+
+def basis_from_rows(
+    X: torch.Tensor, energy: float, center: bool = False, chunk: int = 2048
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Orthonormal basis ``V: [d, r]`` (float32) of the directions that hold ``energy`` of the rows' energy.
+
+    X: ``[N, d]`` rows (any float dtype, cpu). Uncentred: the top eigenvectors of XᵀX holding ``energy`` of its
+    trace. ``center``: the same on the centred rows X − x̄, **plus the mean direction** x̄/‖x̄‖ (r = k + 1 unless it is
+    already in the span): the
+    energy split then ranks the directions along which the rows differ, while a shift common to all of them stays
+    blocked too. The eigenproblem is solved on the smaller side, min(N, d): for N ≤ d the N × N Gram matrix
+    G = X Xᵀ (V = Xᵀ U Σ⁻¹), else the d × d covariance; both float64, accumulated over column / row chunks of
+    ``chunk`` so that no float64 copy of X is made. Returns ``(V, info)`` with ``rank``, ``rows``, ``method``
+    ("gram" or "cov") and ``energy_kept`` (the fraction of the rows' uncentred energy inside span(V))."""
+    if not 0.0 < energy <= 1.0:
+        raise SafeFTError(f"basis_from_rows: energy={energy} must be in (0, 1]")
+    N, d = X.shape
+    if N == 0:
+        raise SafeFTError("basis_from_rows: no rows")
+    mu = torch.zeros(d, dtype=torch.float64)
+    for i in range(0, N, chunk):
+        mu += X[i : i + chunk].double().sum(0)
+    mu /= N
+    sub = mu if center else torch.zeros_like(mu)
+
+    def cols(a: int, b: int) -> torch.Tensor:  # centred column block [N, b − a], float64
+        return X[:, a:b].double() - sub[a:b]
+
+    if N <= d:
+        G = torch.zeros(N, N, dtype=torch.float64)
+        for a in range(0, d, chunk):
+            c = cols(a, a + chunk)
+            G.addmm_(c, c.T)
+        evals, U = torch.linalg.eigh(0.5 * (G + G.T))
+        evals, U = evals.flip(0).clamp_min(0.0), U.flip(1)
+        tol = float(evals[0]) * 1e-12
+        k = min(_energy_rank(evals, energy), int((evals > tol).sum()))
+        W = U[:, :k] / evals[:k].sqrt()  # [N, k]
+        V = torch.empty(d, k, dtype=torch.float64)
+        for a in range(0, d, chunk):
+            V[a : a + chunk] = cols(a, a + chunk).T @ W
+        method = "gram"
+    else:
+        C = torch.zeros(d, d, dtype=torch.float64)
+        for i in range(0, N, chunk):
+            r = X[i : i + chunk].double() - sub
+            C.addmm_(r.T, r)
+        evals, U = torch.linalg.eigh(0.5 * (C + C.T))
+        evals, U = evals.flip(0).clamp_min(0.0), U.flip(1)
+        k = _energy_rank(evals, energy)
+        V = U[:, :k]
+        method = "cov"
+    V, _ = torch.linalg.qr(V)  # re-orthonormalise (the Gram route divides by small σ); keeps the span
+    if center and float(mu.norm()) > 0:
+        u = mu / mu.norm()
+        r = u - V @ (V.T @ u)  # the part of the mean direction not already in span(V)
+        if float(r.norm()) > 1e-6:
+            V = torch.cat([V, (r / r.norm())[:, None]], dim=1)
+    kept = 0.0
+    total = 0.0
+    for i in range(0, N, chunk):
+        r = X[i : i + chunk].double()
+        kept += float((r @ V).pow(2).sum())
+        total += float(r.pow(2).sum())
+    info = {
+        "rank": int(V.shape[1]),
+        "rows": int(N),
+        "method": method,
+        "energy_kept": kept / max(total, 1e-300),
+    }
+    return V.float().contiguous(), info
+
+
+def energy_inside(X: torch.Tensor, V: torch.Tensor, chunk: int = 4096) -> float:
+    """Fraction of the rows' (uncentred) energy Σ‖x‖² that lies in span(V): Σ‖x V‖² / Σ‖x‖². X: ``[N, d]``."""
+    kept = total = 0.0
+    v = V.double()
+    for i in range(0, X.shape[0], chunk):
+        r = X[i : i + chunk].double()
+        kept += float((r @ v).pow(2).sum())
+        total += float(r.pow(2).sum())
+    return kept / max(total, 1e-300)
+
+
 class CovarianceAccumulator:
     """Streaming uncentred second moment ``C = Σ x xᵀ`` over rows ``x ∈ R^d`` in float64 (never holds all X).
 

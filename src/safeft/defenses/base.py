@@ -100,6 +100,8 @@ class DefenseContext:
     anchor_pool / harmless_pool: harmful prompts (candidates for anchors) and harmless prompts, never task data.
     refusal_pairs: (harmful prompt, refusal) pairs, for artifacts that need θ₀'s refusals.
     eval_prompts: every prompt the evaluation will use; artifacts must be disjoint from them.
+    poison_prompts: the harmful prompts the poisoned user data may contain (the whole poison pool, not only the
+    sampled ones); anchors must be disjoint from them too.
     """
 
     tokenizer: Any
@@ -114,6 +116,7 @@ class DefenseContext:
     refusal_pairs: list[tuple[str, str]] = field(default_factory=list)
     alignment_examples: list[Any] = field(default_factory=list)
     eval_prompts: list[str] = field(default_factory=list)
+    poison_prompts: list[str] = field(default_factory=list)
     use_lora: bool = True
     max_length: int = 512
     seed: int = 0

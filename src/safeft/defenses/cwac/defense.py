@@ -1,111 +1,62 @@
 """CWAC: Coupled Weight and Activation Constraints (Peng et al., Findings of ACL 2026, arXiv 2604.12384).
 
-prepare (once, cached per θ₀ fingerprint):
-  anchors   harmful prompts θ₀ refuses on its own greedy answers, disjoint from the eval prompts, split into
-            subspace / SAE / feature-scoring / baseline sets.
-  subspace  for every constrained linear module ℓ: C_ℓ = Σ x xᵀ over its inputs on anchor prompt + θ₀ refusal
-            (teacher-forced), V_ℓ = top eigenvectors holding ``energy`` of trace(C_ℓ).
-  SAE       TopK SAE on the residual stream after block ``sae_layer`` (anchor + harmless prompt tokens), safety
-            latents S by mean activation on anchors − on harmless prompts, baselines z_base on held-out anchors.
-training:
-  loss_terms  λ · mean_b ‖SAE(h(θ, anchor_b))[S] − z_base_b‖² at the last ``n_positions`` prompt positions,
-              running θ only up to ``sae_layer``.
-  after_step  LoRA: A ← A − (A V)Vᵀ; full FT: W ← W − ((W − W₀)V)Vᵀ. Exact under AdamW: ΔW V = 0 after every step.
+The Defense composes the parts, each in its own file:
+
+  anchors.py     harmful prompts θ₀ refuses (several sources, disjoint from poison and evaluation prompts incl.
+                 near-duplicates, judged on θ₀'s greedy answers), split into subspace / scoring / baseline / causal
+  subspace.py    one safety subspace V per distinct module input, from the decision positions of the anchors
+  weights.py     ΔW·V = 0 after every optimizer step (LoRA A rows / full-FT update, fp32 masters for 16-bit)
+  features.py    SAE data, SAEs at several layers, safety latents S, baselines, causal check
+  activation.py  L_safety on packed baseline anchors, sharded across DDP ranks
+
+``prepare`` computes or loads every artifact (cached per θ₀ fingerprint, keyed by everything that changes it and
+by ``ARTIFACT_VERSION``) without touching the global RNG; ``loss_terms`` returns λ·L_safety; ``after_step``
+projects; ``finalize`` reports the largest leak. See docs/cwac.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import json
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from safeft.components.capture import capture_module_inputs, decoder_layers, run_to_layer
-from safeft.components.projection import project_rows_out, project_update_out, top_energy_basis
-from safeft.components.sae import TopKSAE, ablate_latents_hook, check_sae_fits, load_sae, save_sae, train_sae
+from safeft.components.capture import decoder_layers
+from safeft.components.sae import TopKSAE, check_sae_fits, save_sae
 from safeft.defenses.base import Defense, DefenseContext, register_defense, unwrap_model
+from safeft.defenses.cwac import anchors as A
+from safeft.defenses.cwac import features as F
+from safeft.defenses.cwac import subspace as S
+from safeft.defenses.cwac.activation import ActivationTerm
+from safeft.defenses.cwac.common import (
+    ARTIFACT_VERSION,
+    device_of,
+    digest,
+    environment,
+    norm_text,
+    pad_id,
+    prompt_ids,
+    ranges,
+    template_prefix_len,
+    theta0,
+)
 from safeft.defenses.cwac.config import CWACActivationConfig, CWACConfig, CWACWeightConfig
+from safeft.defenses.cwac.report import summary_lines
+from safeft.defenses.cwac.weights import WeightConstraint
 from safeft.errors import SafeFTError
 
-ANCHORS = "cwac-anchors"
-SUBSPACE = "cwac-subspace"
-SAE = "cwac-sae"
-_SPLIT = (0.3, 0.3, 0.2, 0.2)  # subspace, SAE training, feature scoring, baselines
-_COV_BUDGET_BYTES = 4 * 2**30  # float64 covariances held at once while capturing module inputs
+ANCHORS, SUBSPACE, SAE, FEATURES = "cwac-anchors", "cwac-subspace", "cwac-sae", "cwac-features"
+ACTIVATIONS = "cwac-activations"  # resumable SAE-capture shards (not an artifact; removed after training)
 
 
-# ---- small helpers ----------------------------------------------------------------------------------------------
-def _ranges(idx: list[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] → "0–2, 5, 7–8"."""
-    out, start = [], None
-    for k, i in enumerate(idx):
-        if start is None:
-            start = i
-        if k + 1 == len(idx) or idx[k + 1] != i + 1:
-            out.append(str(start) if start == i else f"{start}–{i}")
-            start = None
-    return ", ".join(out)
-
-
-def _norm(text: str) -> str:
-    try:
-        from safeft.data import normalize_text
-    except ImportError:  # pragma: no cover
-        return " ".join(text.lower().split())
-    return normalize_text(text)
-
-
-def _digest(items: list[str]) -> str:
-    h = hashlib.sha256()
-    for s in items:
-        h.update(s.encode("utf-8"))
-        h.update(b"\x00")
-    return h.hexdigest()[:16]
-
-
-def _is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-@contextlib.contextmanager
-def _theta0(model: nn.Module) -> Iterator[None]:
-    """θ₀ in eval mode: adapters disabled for peft models (full FT: the model is θ₀ at step 0)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    ctx = model.disable_adapter() if _is_peft(model) else contextlib.nullcontext()
-    try:
-        with ctx, torch.no_grad():
-            yield
-    finally:
-        for m, t in modes:
-            m.train(t)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists → ``input_ids [N, T]`` and ``lengths [N]`` (real tokens start at position 0, so
-    positions and activations equal the unpadded ones)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return ids, torch.tensor([len(s) for s in seqs], dtype=torch.long)
-
-
-def _mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    return (torch.arange(width)[None, :] < lengths[:, None]).long()
-
-
-def _last_positions(lengths: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices ``[N, n]`` of the last ``n`` real tokens of right-padded rows (clamped at 0 for short rows)."""
-    return (lengths[:, None] - n + torch.arange(n)[None, :]).clamp_min(0)
+def _key_digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @register_defense
@@ -115,7 +66,7 @@ class CWAC(Defense):
     name = "cwac"
     config_class = CWACConfig
     paper = "Peng et al., Coupled Weight and Activation Constraints, Findings of ACL 2026 (arXiv 2604.12384)"
-    artifacts = "safety subspaces V_ℓ, TopK SAE, safety latents, baselines (cached per θ₀)"
+    artifacts = "anchors, safety subspaces V (one per module input), SAEs, safety latents, baselines (per θ₀)"
     needs_full_params = True  # the projection rewrites whole weight/LoRA tensors: refused under FSDP / ZeRO-3
     incompatible_with = ("cwac", "cwac-weight", "cwac-activation")
 
@@ -126,29 +77,27 @@ class CWAC(Defense):
     def __init__(self, config: CWACConfig | None = None):
         super().__init__(config)
         self.config: CWACConfig
-        # Test/extension hooks; None = the real path (safeft.eval.generate + KeywordJudge).
+        # Test/extension hooks; None = the real path (safeft.eval.generate, the anchor_judge).
         self.answer_fn: Callable[[nn.Module, Any, list[str], str, int], list[str]] | None = None
         self.refusal_fn: Callable[[str], bool] | None = None
+        self.outcome_fn: Callable[[list[str], list[str]], list[str]] | None = None
         self.log: Callable[[str], None] = print
+        self.progress = True  # progress bars of the SAE capture / training
         self.stats: dict[str, list[str]] = {"computed": [], "loaded": []}
         self.timings: dict[str, float] = {}
         self.summary: dict[str, Any] = {}
-        self._lora: list[tuple[str, nn.Parameter, torch.Tensor]] = []
-        self._full: list[tuple[str, nn.Parameter, torch.Tensor, torch.Tensor]] = []
-        self._lora_modules: dict[str, nn.Module] = {}
-        self._last_anchors: list[str] = []
-        self._sae: TopKSAE | None = None
-        self._features: torch.Tensor | None = None
-        self._base_ids: torch.Tensor | None = None
-        self._base_len: torch.Tensor | None = None
-        self._z_base: torch.Tensor | None = None
-        self._sae_layer = 0
-        self._gen = torch.Generator()
+        self.weights = WeightConstraint()
+        self.activation_term: ActivationTerm | None = None
+        self.anchors: list[str] = []
+        self.answers: list[str] = []
+        self.splits: dict[str, list[int]] = {}
+        self.sae_layers: list[int] = []
+        self._resolved_judge: tuple[Callable[[list[str], list[str]], list[str]], str] | None = None
 
     # ---- public hooks --------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: DefenseContext) -> dict[str, Any]:
-        """Load or compute the artifacts, project the constrained LoRA A matrices (or keep W₀ for full FT), and
-        set up the activation term. Returns the summary (also in ``self.summary``)."""
+        """Load or compute the artifacts, install the projections (LoRA A projected now; full FT keeps W₀V) and
+        the activation term. Returns the summary (also in ``self.summary``)."""
         return self._prepare(model, ctx, install=True)
 
     def prepare_artifacts(self, model: nn.Module, ctx: DefenseContext) -> dict[str, Any]:
@@ -156,126 +105,96 @@ class CWAC(Defense):
         return self._prepare(model, ctx, install=False)
 
     def loss_terms(self, model: nn.Module, inputs: dict, outputs: Any) -> dict[str, torch.Tensor]:
-        if not self.config.activation or self._sae is None:
+        if not self.config.activation or self.activation_term is None:
             return {}
-        cfg = self.config
-        m = unwrap_model(model)
-        n = self._base_ids.shape[0]
-        idx = torch.randperm(n, generator=self._gen)[: min(cfg.anchor_batch, n)]
-        lengths = self._base_len[idx]
-        width = int(lengths.max())
-        ids = self._base_ids[idx, :width]
-        dev = _device(m)
-        h = run_to_layer(m, ids.to(dev), _mask(lengths, width).to(dev), self._sae_layer)  # [B, T, d]
-        pos = _last_positions(lengths, cfg.n_positions).to(dev)  # [B, P]
-        h_sel = torch.gather(h, 1, pos[..., None].expand(-1, -1, h.shape[-1]))  # [B, P, d]
-        pre = self._sae.pre_acts(h_sel.float())  # [B, P, d_sae]
-        z = self._sae.encode(h_sel.float())[..., self._features]  # [B, P, F], the TopK codes (the loss value)
-        # Straight-through gradient: a safety latent that fell out of the top-k (or below 0) has zero gradient
-        # under TopK, so the loss could never bring it back; route the gradient through its pre-activation.
-        pre_s = pre[..., self._features]
-        z = pre_s + (z - pre_s).detach()
-        diff = z - self._z_base[idx.to(self._z_base.device)].to(z.device)
-        loss = diff.pow(2).sum(dim=(1, 2)).mean()
-        return {"cwac/safety": cfg.lam * loss}
+        return {"cwac/safety": self.config.lam * self.activation_term(unwrap_model(model))}
 
-    @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
-        for _name, A, V in self._lora:
-            A.copy_(project_rows_out(A, V))
-        for _name, W, W0, V in self._full:
-            W.copy_(project_update_out(W, W0, V))
+        self.weights.apply()
 
-    @torch.no_grad()
     def finalize(self, model: nn.Module) -> dict[str, Any]:
-        """Largest relative leak ‖ΔW V‖ / ‖ΔW‖ over constrained modules (≈ 0 up to float rounding)."""
-        leak = 0.0
-        for name, A, V in self._lora:
-            mod = self._lora_modules.get(name)
-            if mod is None:
-                continue
-            for adapter in mod.lora_A:
-                if mod.lora_A[adapter].weight is not A:
-                    continue
-                B = mod.lora_B[adapter].weight.float()
-                dw = B @ A.float()
-                leak = max(leak, float((dw @ V.float()).norm() / dw.norm().clamp_min(1e-30)))
-        for _name, W, W0, V in self._full:
-            dw = W.float() - W0.float()
-            leak = max(leak, float((dw @ V.float()).norm() / dw.norm().clamp_min(1e-30)))
-        return {"cwac_max_relative_leak": leak} if (self._lora or self._full) else {}
+        """Largest relative leak over the constrained tensors (≈ 0 up to float rounding); see WeightConstraint.leak."""
+        return self.weights.leak()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"anchor_rng": self._gen.get_state()}
+        return self.activation_term.state_dict() if self.activation_term is not None else {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if "anchor_rng" in state:
-            self._gen.set_state(state["anchor_rng"].to(torch.uint8).cpu())
+        if self.activation_term is not None:
+            self.activation_term.load_state_dict(state)
 
     # ---- prepare ------------------------------------------------------------------------------------------
     def _prepare(self, model: nn.Module, ctx: DefenseContext, install: bool) -> dict[str, Any]:
         super().prepare(model, ctx)
-        cfg = self.config
-        t0 = time.perf_counter()
-        self._gen.manual_seed(int(ctx.seed))
-        if not cfg.weight and not cfg.activation:
+        if not self.config.weight and not self.config.activation:
             self.summary = {
                 "mode": "sft (weight and activation constraints both off)",
                 "prepare_seconds": 0.0,
             }
             self.log("CWAC: both constraints are off: this run is plain SFT")
             return self.summary
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):  # prepare never shifts anyone's random stream
+            return self._prepare_inner(model, ctx, install)
+
+    def _prepare_inner(self, model: nn.Module, ctx: DefenseContext, install: bool) -> dict[str, Any]:
+        cfg = self.config
+        self._resolved_judge = None
+        t0 = time.perf_counter()
         m = unwrap_model(model)
-        layers = decoder_layers(m)
-        n_layers = len(layers)
-        chosen = self._resolve_layers(n_layers)
-        sae_layer = cfg.sae_layer if cfg.sae_layer is not None else n_layers // 2
-        if not 0 <= sae_layer < n_layers:
+        blocks = decoder_layers(m)
+        n_layers = len(blocks)
+        chosen = S.resolve_layers(cfg.layers, n_layers)
+        sae_layers = cfg.requested_sae_layers() or F.default_sae_layers(n_layers, cfg.n_sae_layers)
+        bad = [L for L in sae_layers if L >= n_layers]
+        if bad:
+            field = "sae_layer" if cfg.sae_layer is not None else "sae_layers"
             raise SafeFTError(
-                f"defense.cwac.sae_layer={sae_layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})"
+                f"defense.cwac.{field}={bad} is out of range: the model has {n_layers} layers (0..{n_layers - 1})"
             )
-        modules = self._resolve_modules(m, layers, chosen, ctx.use_lora) if cfg.weight else {}
-        free = self.unconstrained_layers(layers, chosen, sae_layer, ctx.use_lora)
-        if free:
-            self.log(
-                f"CWAC warning: layers {_ranges(free)} are trained but under neither constraint (weight constraint: "
-                f"layers {_ranges(chosen) if cfg.weight else 'none'}; the activation term reads layer "
-                f"{sae_layer if cfg.activation else '(off)'} and only reaches the layers before it). On the tiny "
-                f"benchmark at p = 0.2 this let HS reach 96%; set defense.cwac.layers: all to cover them"
-            )
+        self.sae_layers = sae_layers
+        modules = (
+            S.resolve_modules(blocks, chosen, ctx.use_lora, cfg.target_modules, self.log)
+            if cfg.weight
+            else {}
+        )
+        self._warn_free(m, blocks, chosen, sae_layers, modules, ctx.use_lora)
+        tok = ctx.tokenizer
+        if tok.pad_token_id is None and tok.eos_token_id is None:
+            raise SafeFTError("CWAC: the tokenizer has neither a pad nor an eos token; set one")
         store = None
         if ctx.artifacts_dir is not None:
             from safeft.artifacts import ArtifactStore
 
             store = ArtifactStore(ctx.artifacts_dir, ctx.fingerprint)
-        tok = ctx.tokenizer
-        if tok.pad_token_id is None and tok.eos_token_id is None:
-            raise SafeFTError("CWAC: the tokenizer has neither a pad nor an eos token; set one")
 
-        anchors, answers, akey = self._anchors(m, ctx, store)
-        self._last_anchors = anchors
-        n = len(anchors)
-        b1 = max(1, round(_SPLIT[0] * n))
-        b2 = max(b1 + 1, round((_SPLIT[0] + _SPLIT[1]) * n))
-        b3 = max(b2 + 1, round((1 - _SPLIT[3]) * n))
-        splits = {
-            "subspace": list(range(0, b1)),
-            "sae": list(range(b1, b2)),
-            "score": list(range(b2, b3)),
-            "baseline": list(range(b3, n)),
-        }
-        summary: dict[str, Any] = {"anchors": n, "splits": {k: len(v) for k, v in splits.items()}}
-        if cfg.weight:
-            Vs, sub_meta = self._subspace(
-                m, layers, modules, anchors, answers, splits["subspace"], ctx, store, akey
+        anchors, answers, akey, ameta = self._anchors(m, ctx, store)
+        self.anchors, self.answers = anchors, answers
+        self.splits = A.split_anchors(len(anchors), int(ctx.seed))
+        sizes = {k: len(v) for k, v in self.splits.items()}
+        summary: dict[str, Any] = {"anchors": len(anchors), "splits": sizes, "anchor_info": ameta}
+        if cfg.activation and (sizes["baseline"] < A.MIN_BASELINE or sizes["causal"] < A.MIN_CAUSAL):
+            self.log(
+                f"CWAC warning: {sizes['baseline']} baseline anchors (want ≥ {A.MIN_BASELINE}) and "
+                f"{sizes['causal']} causal-check anchors (want ≥ {A.MIN_CAUSAL}): raise n_anchor or add anchor_sources"
             )
-            summary["subspace"] = sub_meta
+        Vs: dict[str, torch.Tensor] = {}
+        if cfg.weight:
+            Vs, summary["subspace"] = self._subspace(m, modules, ctx, store, akey)
+        act = None
         if cfg.activation:
-            sae_meta = self._sae_artifacts(m, layers, sae_layer, anchors, splits, ctx, store, akey)
-            summary["sae"] = sae_meta
-            self._sae_layer = sae_layer
+            act, summary["sae"], summary["features"] = self._activation(
+                m, blocks, sae_layers, ctx, store, akey
+            )
         if install:
-            self._install(m, modules, Vs if cfg.weight else {}, ctx.use_lora)
+            self.weights.install(modules, Vs, ctx.use_lora, cfg.master_weights)
+            if act is not None:
+                act.to(device_of(m))
+                if cfg.packed_anchors:
+                    with theta0(m):
+                        act.check_packing(m)
+                summary["packed_anchors"] = act.packed
+            self.activation_term = act
         summary["prepare_seconds"] = round(time.perf_counter() - t0, 3)
         summary["cache"] = {k: list(v) for k, v in self.stats.items()}
         self.timings["prepare_seconds"] = summary["prepare_seconds"]
@@ -284,106 +203,44 @@ class CWAC(Defense):
         return summary
 
     def unconstrained_layers(
-        self, layers: nn.ModuleList, chosen: list[int], sae_layer: int, use_lora: bool
+        self, blocks: nn.ModuleList, chosen: list[int], sae_layers: list[int], use_lora: bool
     ) -> list[int]:
         """Layers with trained parameters that neither constraint touches: outside the weight constraint's layers
-        and (activation term on) above the SAE layer, whose output the activation term cannot see."""
+        and (activation term on) above the deepest SAE layer, whose output the activation term cannot see."""
         cfg = self.config
         covered = set(chosen) if cfg.weight else set()
         if cfg.activation:
-            covered |= set(range(sae_layer + 1))
-        out = []
-        for i, block in enumerate(layers):
-            if i in covered:
-                continue
-            if any(self._trained(mod, use_lora) for mod in self._linear_children(block).values()):
-                out.append(i)
-        return out
+            covered |= set(range(max(sae_layers) + 1))
+        return [
+            i
+            for i, block in enumerate(blocks)
+            if i not in covered
+            and any(S.is_trained(mod, use_lora) for mod in S.linear_children(block).values())
+        ]
 
-    def _resolve_layers(self, n_layers: int) -> list[int]:
-        cfg = self.config
-        if cfg.layers is None:
-            width = max(1, n_layers // 2)
-            start = (n_layers - width) // 2
-            return list(range(start, start + width))
-        if cfg.layers == "all":
-            return list(range(n_layers))
-        bad = [i for i in cfg.layers if i >= n_layers]
-        if bad:
-            raise SafeFTError(
-                f"defense.cwac.layers={cfg.layers}: {bad} out of range, the model has {n_layers} layers (0..{n_layers - 1})"
+    def _warn_free(self, m, blocks, chosen, sae_layers, modules, use_lora) -> None:
+        free = self.unconstrained_layers(blocks, chosen, sae_layers, use_lora)
+        if free:
+            self.log(
+                f"CWAC warning: layers {ranges(free)} are trained but under neither constraint (weight constraint: "
+                f"layers {ranges(chosen) if self.config.weight else 'none'}; the activation term reaches layers "
+                f"0–{max(sae_layers)}" + (")" if self.config.activation else ", but it is off)") + "; set "
+                "defense.cwac.layers: all to cover them (on the tiny benchmark at p = 0.2 free layers let HS reach 96%)"
             )
-        return list(cfg.layers)
-
-    @staticmethod
-    def _linear_children(block: nn.Module) -> dict[str, nn.Module]:
-        """``{qualified name in block: module}`` for linear modules (peft LoRA layers count as one module)."""
-        out: dict[str, nn.Module] = {}
-        for name, mod in block.named_modules():
-            if not name:
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("base_layer",) or ".lora_" in f".{name}" or "base_layer" in name.split("."):
-                continue
-            if hasattr(mod, "lora_A") or isinstance(mod, nn.Linear):
-                out[name] = mod
-        return out
-
-    @staticmethod
-    def _trained(mod: nn.Module, use_lora: bool) -> bool:
-        if use_lora:
-            return hasattr(mod, "lora_A") and any(p.requires_grad for p in mod.lora_A.parameters())
-        w = getattr(mod, "weight", None)
-        return isinstance(w, torch.Tensor) and w.requires_grad
-
-    def _resolve_modules(
-        self, m: nn.Module, layers: nn.ModuleList, chosen: list[int], use_lora: bool
-    ) -> dict[str, nn.Module]:
-        """``{"<layer>.<path>": module}`` of the constrained modules; refuses unknown or never-trained ones."""
-        cfg = self.config
-        out: dict[str, nn.Module] = {}
-        available: set[str] = set()
-        for i in chosen:
-            for name, mod in self._linear_children(layers[i]).items():
-                leaf = name.rsplit(".", 1)[-1]
-                available.add(leaf)
-                if cfg.target_modules is None:
-                    wanted = self._trained(mod, use_lora) if use_lora else leaf == "down_proj"
-                else:
-                    wanted = leaf in cfg.target_modules
-                if wanted:
-                    out[f"{i}.{name}"] = mod
-        if cfg.target_modules is not None:
-            unknown = [t for t in cfg.target_modules if t not in available]
-            if unknown:
-                raise SafeFTError(
-                    f"defense.cwac.target_modules: {unknown} not found in layers {chosen}; "
-                    f"available linear modules: {', '.join(sorted(available))}"
+        if self.config.weight:
+            names = S.free_trained_tensors(m, modules, use_lora)
+            if (
+                use_lora
+            ):  # LoRA: the layer warning above covers other layers; name free modules of chosen ones
+                inside = {n for i in chosen for n in (f".layers.{i}.",)}
+                names = [n for n in names if any(x in n for x in inside)]
+            if names:
+                self.log(
+                    f"CWAC warning: {len(names)} trained tensor(s) are outside the weight constraint: "
+                    f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
                 )
-        if not out:
-            raise SafeFTError(
-                f"defense.cwac: no trained module in layers {chosen} to constrain (LoRA targets none of them); "
-                f"weight-only CWAC would silently be plain SFT: add LoRA targets in these layers or set defense.cwac.layers"
-            )
-        untrained = [k for k, mod in out.items() if not self._trained(mod, use_lora)]
-        if untrained:
-            raise SafeFTError(
-                f"defense.cwac.target_modules: {untrained[:4]}{' ...' if len(untrained) > 4 else ''} are never "
-                f"trained in this run (e.g. LoRA on q/v while target_modules=['down_proj']): weight-only CWAC would "
-                f"silently be plain SFT; constrain the trained modules (leave target_modules unset) or train these"
-            )
-        if use_lora and cfg.target_modules is not None:
-            free = [
-                f"{i}.{n}"
-                for i in chosen
-                for n, mod in self._linear_children(layers[i]).items()
-                if self._trained(mod, True) and f"{i}.{n}" not in out
-            ]
-            if free:
-                self.log(f"CWAC warning: trained but unconstrained in the chosen layers: {free[:6]}")
-        return out
 
-    # -- anchors
+    # -- θ₀'s answers and the judge
     def _answers(self, m: nn.Module, ctx: DefenseContext, prompts: list[str], n_tokens: int) -> list[str]:
         if self.answer_fn is not None:
             return list(self.answer_fn(m, ctx.tokenizer, prompts, ctx.template, n_tokens))
@@ -399,424 +256,320 @@ class CWAC(Defense):
             desc="CWAC anchor check",
         )
 
-    def _is_refusal(self, text: str) -> bool:
+    def _judge(self) -> tuple[Callable[[list[str], list[str]], list[str]], str]:
+        """The anchor judge's ``outcomes`` and its name, resolved once per ``prepare``."""
+        if self._resolved_judge is None:
+            self._resolved_judge = self._resolve_judge()
+        return self._resolved_judge
+
+    def _resolve_judge(self) -> tuple[Callable[[list[str], list[str]], list[str]], str]:
+        if self.outcome_fn is not None:
+            return self.outcome_fn, "custom"
         if self.refusal_fn is not None:
-            return bool(self.refusal_fn(text))
-        if not hasattr(self, "_judge"):
-            from safeft.eval import KeywordJudge
+            fn = self.refusal_fn
+            return (lambda _p, answers: ["refusal" if fn(a) else "other" for a in answers]), "custom"
+        return A.resolve_judge(self.config.anchor_judge, self.log)
 
-            self._judge = KeywordJudge()
-        return self._judge.is_refusal(text)
+    # -- anchors
+    def _exclusions(self, ctx: DefenseContext) -> list[str]:
+        return list(ctx.eval_prompts) + list(getattr(ctx, "poison_prompts", []) or [])
 
-    def _anchors(self, m: nn.Module, ctx: DefenseContext, store: Any) -> tuple[list[str], list[str], dict]:
+    def _anchors(self, m, ctx, store) -> tuple[list[str], list[str], dict[str, Any], dict[str, Any]]:
         cfg = self.config
-        eval_norm = {_norm(p) for p in ctx.eval_prompts}
-        pool: list[str] = []
-        seen: set[str] = set()
-        for p in ctx.anchor_pool:
-            k = _norm(p)
-            if k and k not in seen and k not in eval_norm:
-                seen.add(k)
-                pool.append(p)
-        dropped = len({_norm(p) for p in ctx.anchor_pool} & eval_norm)
+        outcomes, judge_name = self._judge()
+        exclude = self._exclusions(ctx)
         key = {
-            "pool": _digest(pool),
-            "eval": _digest(sorted(eval_norm)),
-            "template": ctx.template,
+            "version": ARTIFACT_VERSION,
+            "sources": list(cfg.anchor_sources),
+            "pool": digest(list(ctx.anchor_pool)),
+            "exclude": digest(sorted({norm_text(p) for p in exclude})),
+            "near_dup_threshold": cfg.near_dup_threshold,
             "seed": int(ctx.seed),
             "n_anchor": cfg.n_anchor,
             "max_new_tokens_anchor_check": cfg.max_new_tokens_anchor_check,
+            "template": ctx.template,
             "max_length": int(ctx.max_length),
-            "judge": "keyword" if self.refusal_fn is None else "custom",
+            "judge": judge_name,
         }
         if store is not None and store.exists(ANCHORS, key):
             _, meta = store.load(ANCHORS, key)
             self.stats["loaded"].append(ANCHORS)
-            return list(meta["anchors"]), list(meta["answers"]), key
-        if not pool:
-            raise SafeFTError(
-                "CWAC: the anchor pool is empty (no harmful prompts outside the evaluation set); "
-                "provide refusal pairs / harmful prompts for anchors"
-            )
-        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(int(ctx.seed))).tolist()
-        pool = [pool[i] for i in order]
-        anchors: list[str] = []
-        answers: list[str] = []
-        checked = 0
+            return list(meta["anchors"]), list(meta["answers"]), key, meta["info"]
         t0 = time.perf_counter()
-        with _theta0(m):
-            for start in range(0, len(pool), 64):
-                chunk = pool[start : start + 64]
-                outs = self._answers(m, ctx, chunk, cfg.max_new_tokens_anchor_check)
-                checked += len(chunk)
-                for p, a in zip(chunk, outs):
-                    if self._is_refusal(a) and len(anchors) < cfg.n_anchor:
-                        anchors.append(p)
-                        answers.append(a)
-                if len(anchors) >= cfg.n_anchor:
-                    break
-        self.timings["anchor_seconds"] = time.perf_counter() - t0
-        if not anchors:
+        candidates, cstats = self._candidates(ctx)
+        if not candidates:
             raise SafeFTError(
-                f"CWAC: θ₀ refused none of the {checked} anchor candidates (keyword judge on its greedy answers); "
-                f"this model is not safety-aligned enough to anchor: align it first (`safeft align`) or pass another model"
+                "CWAC: no anchor candidates left after removing poison / evaluation prompts and near-duplicates; "
+                "add defense.cwac.anchor_sources"
             )
-        if len(anchors) < 4:
+        n_tok = cfg.max_new_tokens_anchor_check
+        with theta0(m):
+            picked, answers, sel = A.select_anchors(
+                candidates, lambda ps: self._answers(m, ctx, ps, n_tok), outcomes, cfg.n_anchor
+            )
+        if not picked:
             raise SafeFTError(
-                f"CWAC: θ₀ refused only {len(anchors)} of {checked} anchor candidates; at least 4 are needed "
-                f"(subspace / SAE / scoring / baseline sets): give a larger anchor pool"
+                f"CWAC: θ₀ refused none of the {sel['checked']} anchor candidates ({judge_name} judge on its greedy "
+                f"answers); this model is not safety-aligned enough to anchor: align it first (`safeft align`) or "
+                f"pass another model"
             )
-        meta = {
-            "anchors": anchors,
-            "answers": answers,
-            "checked": checked,
-            "refused": len(anchors),
-            "refusal_rate": len(anchors) / max(1, checked),
-            "dropped_eval_overlap": dropped,
+        if len(picked) < 4:
+            raise SafeFTError(
+                f"CWAC: θ₀ refused only {len(picked)} of {sel['checked']} anchor candidates; at least 4 are needed "
+                f"(subspace / scoring / baseline / causal-check sets): add defense.cwac.anchor_sources"
+            )
+        anchors = [candidates[i][1] for i in picked]
+        info = {
+            **cstats,
+            **sel,
+            "judge": judge_name,
+            "candidates": len(candidates),
+            "env": environment(device_of(m)),
         }
+        info["anchor_sources"] = {
+            s: sum(1 for i in picked if candidates[i][0] == s) for s in cfg.anchor_sources
+        }
+        self.timings["anchor_seconds"] = time.perf_counter() - t0
         self.stats["computed"].append(ANCHORS)
         if store is not None:
+            meta = {"anchors": anchors, "answers": answers, "info": info}
             store.save(ANCHORS, {"refused": torch.tensor([len(anchors)])}, meta=meta, config=key)
-        return anchors, answers, key
+        return anchors, answers, key, info
 
-    # -- tokenisation
-    def _prompt_ids(self, ctx: DefenseContext, prompts: list[str]) -> list[list[int]]:
-        from safeft.data import format_prompt
-
-        out = []
-        for p in prompts:
-            text = format_prompt(ctx.tokenizer, p, ctx.template)
-            out.append(list(ctx.tokenizer(text, add_special_tokens=False)["input_ids"])[: ctx.max_length])
-        return out
-
-    def _batches(self, seqs: list[list[int]], pad_id: int, dev: torch.device, bs: int = 8):
-        for i in range(0, len(seqs), bs):
-            ids, lengths = _pad_right(seqs[i : i + bs], pad_id)
-            yield {"input_ids": ids.to(dev), "attention_mask": _mask(lengths, ids.shape[1]).to(dev)}, lengths
-
-    def _pad_id(self, ctx: DefenseContext) -> int:
-        t = ctx.tokenizer
-        return int(t.pad_token_id if t.pad_token_id is not None else t.eos_token_id)
+    def _candidates(self, ctx) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+        cfg = self.config
+        by_source = A.load_sources(cfg.anchor_sources, ctx.anchor_pool, self.log)
+        return A.build_candidates(by_source, self._exclusions(ctx), cfg.near_dup_threshold, int(ctx.seed))
 
     # -- weight constraint
-    def _subspace(self, m, layers, modules, anchors, answers, idx, ctx, store, akey):
+    def _subspace(self, m, modules, ctx, store, akey) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         cfg = self.config
         key = {
-            **akey,
+            "version": ARTIFACT_VERSION,
+            "anchors": _key_digest(akey),
             "part": "subspace",
             "modules": sorted(modules),
             "energy": cfg.energy,
-            "split": list(_SPLIT),
+            "center": cfg.subspace_center,
+            "prompt_tokens": cfg.subspace_prompt_tokens,
+            "refusal_tokens": cfg.subspace_refusal_tokens,
+            "split": A.SPLIT,
         }
         if store is not None and store.exists(SUBSPACE, key):
             tensors, meta = store.load(SUBSPACE, key)
             self.stats["loaded"].append(SUBSPACE)
-            return {k[2:]: v for k, v in tensors.items() if k.startswith("V.")}, meta
-        from safeft.data import Example, tokenize_example
-
-        t0 = time.perf_counter()
-        seqs = [
-            tokenize_example(
-                ctx.tokenizer, Example(anchors[i], answers[i], kind="refusal"), ctx.template, ctx.max_length
-            )["input_ids"]
-            for i in idx
-        ]
-        dev = _device(m)
-        pad = self._pad_id(ctx)
-        deepest = max(int(k.split(".", 1)[0]) for k in modules)
-        names = sorted(modules)
-        Vs: dict[str, torch.Tensor] = {}
-        ranks: dict[str, int] = {}
-        # group modules so that their float64 covariances fit the budget; one pass over the data per group
-        groups: list[list[str]] = [[]]
-        used = 0
-        for nme in names:
-            d_in = self._d_in(modules[nme])
-            size = d_in * d_in * 8
-            if groups[-1] and used + size > _COV_BUDGET_BYTES:
-                groups.append([])
-                used = 0
-            groups[-1].append(nme)
-            used += size
-        tokens = 0
-        with _theta0(m):
-            for group in groups:
-                batches = (b for b, _ in self._batches(seqs, pad, dev))
-                accs = capture_module_inputs(
-                    m, {k: modules[k] for k in group}, batches, stop_after_layer=deepest
+        else:
+            t0 = time.perf_counter()
+            tok, tpl, ml = ctx.tokenizer, ctx.template, int(ctx.max_length)
+            sub, held = self.splits["subspace"], self.splits["causal"]
+            seqs = S.anchor_sequences(
+                tok, tpl, [self.anchors[i] for i in sub], [self.answers[i] for i in sub], ml
+            )
+            hseqs = S.anchor_sequences(
+                tok, tpl, [self.anchors[i] for i in held], [self.answers[i] for i in held], ml
+            )
+            start = S.decision_start([s[:pl] for s, pl in seqs + hseqs], template_prefix_len(tok, tpl))
+            with theta0(m):
+                probe = torch.tensor([seqs[0][0][: min(8, len(seqs[0][0]))]], device=device_of(m))
+                groups = S.module_groups(m, modules, probe)
+                Vg, meta = S.compute_subspaces(
+                    m,
+                    modules,
+                    groups,
+                    seqs,
+                    hseqs,
+                    k=cfg.subspace_prompt_tokens,
+                    m=cfg.subspace_refusal_tokens,
+                    start=start,
+                    energy=cfg.energy,
+                    center=cfg.subspace_center,
+                    pad=pad_id(tok),
+                    progress=self.log,
                 )
-                for k in group:
-                    acc = accs.get(k)
-                    if acc is None or acc.count == 0:
-                        raise SafeFTError(f"CWAC: module {k} received no inputs while capturing the subspace")
-                    V = top_energy_basis(acc.cov, cfg.energy).float().cpu()
-                    Vs[k] = V
-                    ranks[k] = int(V.shape[1])
-                    tokens = acc.count
-                del accs
-        meta = {
-            "ranks": ranks,
-            "d_in": {k: int(v.shape[0]) for k, v in Vs.items()},
-            "tokens": tokens,
-            "seconds": round(time.perf_counter() - t0, 3),
-            "energy": cfg.energy,
-        }
-        self.stats["computed"].append(SUBSPACE)
-        if store is not None:
-            store.save(SUBSPACE, {f"V.{k}": v for k, v in Vs.items()}, meta=meta, config=key)
-        return Vs, meta
-
-    @staticmethod
-    def _d_in(mod: nn.Module) -> int:
-        base = getattr(mod, "base_layer", mod)
-        if hasattr(base, "in_features"):
-            return int(base.in_features)
-        return int(base.weight.shape[1])
+            meta.update({"start": start, "energy": cfg.energy, "seconds": round(time.perf_counter() - t0, 3)})
+            tensors = {f"V.{g}": v for g, v in Vg.items()}
+            self.stats["computed"].append(SUBSPACE)
+            if store is not None:
+                store.save(SUBSPACE, tensors, meta=meta, config=key)
+        by_module = {n: tensors[f"V.{g}"] for g, names in meta["groups"].items() for n in names}
+        return by_module, meta
 
     # -- activation constraint
-    def _residual_rows(self, m, seqs, layer, pad, dev, skip_first: bool = True) -> torch.Tensor:
-        """Residual-stream rows ``[N_tokens, d]`` (float32, cpu) at every real token (minus position 0)."""
-        rows = []
-        for batch, _ in self._batches(seqs, pad, dev):
-            h = run_to_layer(m, batch["input_ids"], batch["attention_mask"], layer).float()
-            keep = batch["attention_mask"].bool().clone()
-            if skip_first:
-                keep[:, 0] = False  # the first token's residual is an outlier (attention sink): leave it out
-            rows.append(h[keep].cpu())
-        return torch.cat(rows) if rows else torch.zeros(0, 0)
-
-    def _sae_artifacts(self, m, layers, sae_layer, anchors, splits, ctx, store, akey) -> dict[str, Any]:
+    def _activation(self, m, blocks, layers, ctx, store, akey) -> tuple[ActivationTerm, dict, dict]:
         cfg = self.config
-        harmless = list(dict.fromkeys(p for p in ctx.harmless_pool if _norm(p)))
+        harmless = list(dict.fromkeys(p for p in ctx.harmless_pool if norm_text(p)))
         if not harmless:
             raise SafeFTError(
-                "CWAC activation constraint: ctx.harmless_pool is empty; it needs harmless prompts "
-                "to train the SAE and rank safety latents"
+                "CWAC activation constraint: ctx.harmless_pool is empty; it needs harmless prompts to rank the "
+                "safety latents (and as SAE training text)"
             )
-        half = max(1, len(harmless) // 2)
-        harm_sae, harm_score = harmless[:half], (harmless[half:] or harmless[:half])
+        hidden = int(m.get_input_embeddings().weight.shape[1])
+        saes, sae_meta, sae_stamp = self._saes(m, layers, ctx, store, akey, harmless, hidden)
+        dev = device_of(m)
+        saes = {L: sae.to(dev).eval().requires_grad_(False) for L, sae in saes.items()}
+        layers = self.sae_layers = sorted(saes)  # a pretrained sae_path brings its own layers
         key = {
-            **akey,
-            "part": "sae",
-            "sae_layer": sae_layer,
-            "sae_path": cfg.sae_path,
-            "sae_width_factor": cfg.sae_width_factor,
-            "sae_k": cfg.sae_k,
-            "sae_steps": cfg.sae_steps,
+            "version": ARTIFACT_VERSION,
+            "anchors": _key_digest(akey),
+            "sae": sae_stamp,
             "n_features": cfg.n_features,
             "n_positions": cfg.n_positions,
-            "benign_fraction": cfg.benign_fraction,
-            "harmless": _digest(harmless),
+            "harmless": digest(harmless),
             "causal_check": cfg.causal_check,
-            "split": list(_SPLIT),
+            "split": A.SPLIT,
         }
-        dev = _device(m)
-        hidden = int(getattr(getattr(m, "config", None), "hidden_size", 0) or 0)
+        tok, tpl, ml, pad = ctx.tokenizer, ctx.template, int(ctx.max_length), pad_id(ctx.tokenizer)
+        base_prompts = [self.anchors[i] for i in self.splits["baseline"]]
+        base_seqs = prompt_ids(tok, tpl, base_prompts, ml)
+        if store is not None and store.exists(FEATURES, key):
+            tensors, meta = store.load(FEATURES, key)
+            self.stats["loaded"].append(FEATURES)
+            feats = {L: tensors[f"features.{L}"] for L in layers}
+            z_base = {L: tensors[f"z_base.{L}"] for L in layers}
+        else:
+            t0 = time.perf_counter()
+            score_seqs = prompt_ids(tok, tpl, [self.anchors[i] for i in self.splits["score"]], ml)
+            with theta0(m):
+                feats, z_base, meta = F.safety_features(
+                    m, saes, score_seqs, prompt_ids(tok, tpl, harmless, ml), base_seqs, cfg.n_features,
+                    cfg.n_positions, pad,
+                )  # fmt: skip
+                if cfg.causal_check:
+                    outcomes, _ = self._judge()
+                    n_tok = cfg.max_new_tokens_anchor_check
+                    meta["causal_check"] = F.causal_check(
+                        blocks,
+                        saes,
+                        feats,
+                        [self.anchors[i] for i in self.splits["causal"]],
+                        lambda ps: self._answers(m, ctx, ps, n_tok),
+                        outcomes,
+                    )
+            meta["norms"] = {str(L): v for L, v in F.baseline_norms(z_base).items()}
+            meta["baselines"] = len(base_seqs)
+            meta["seconds"] = round(time.perf_counter() - t0, 3)
+            self.stats["computed"].append(FEATURES)
+            if store is not None:
+                tensors = {f"features.{L}": feats[L] for L in layers}
+                tensors.update({f"z_base.{L}": z_base[L] for L in layers})
+                store.save(FEATURES, tensors, meta=meta, config=key)
+        empty = [L for L in layers if feats[L].numel() == 0]
+        if empty:
+            raise SafeFTError(
+                f"CWAC: no SAE latent is more active on anchors than on harmless prompts at SAE layer(s) {empty}; "
+                f"the SAE has not learned safety features there: train on more tokens (sae_tokens) or pick other "
+                f"defense.cwac.sae_layers"
+            )
+        self._enforce_causal(meta.get("causal_check"), layers)
+        norms = {int(L): float(v) for L, v in meta["norms"].items()}
+        act = ActivationTerm(
+            saes, feats, z_base, norms, base_seqs, cfg.n_positions, cfg.anchor_batch, pad, int(ctx.seed),
+            packed=cfg.packed_anchors, log=self.log,
+        )  # fmt: skip
+        return act, sae_meta, meta
+
+    def _enforce_causal(self, res: dict[str, Any] | None, layers: list[int]) -> None:
+        cfg = self.config
+        if res is None:
+            return
+        ok, msg = F.causal_verdict(res, cfg.causal_min_drop)
+        self.log(f"CWAC causal check: {msg}")
+        if ok:
+            return
+        text = (
+            f"CWAC: {msg}: the safety latents at layers {layers} are not causal for this model's refusals, so the "
+            f"activation term would anchor features that do not carry safety. Train the SAE on more tokens "
+            f"(sae_tokens), try other sae_layers or more n_features, or use a pretrained SAE (sae_path); "
+            f"defense.cwac.require_causal: false trains anyway"
+        )
+        if cfg.require_causal:
+            raise SafeFTError(text)
+        self.log("CWAC warning: " + text.removeprefix("CWAC: "))
+
+    def _saes(self, m, layers, ctx, store, akey, harmless, hidden) -> tuple[dict[int, TopKSAE], dict, str]:
+        cfg = self.config
+        if cfg.sae_path:
+            saes = F.load_pretrained(cfg.sae_path, cfg.requested_sae_layers(), len(decoder_layers(m)))
+            for L, sae in saes.items():
+                check_sae_fits(sae, hidden, source=f"defense.cwac.sae_path={cfg.sae_path} (layer {L})")
+            stamp = _key_digest(F.pretrained_stamp(cfg.sae_path, sorted(saes)))
+            return saes, {"sae_source": cfg.sae_path, "sae_layers": sorted(saes)}, stamp
+        key = {
+            "version": ARTIFACT_VERSION,
+            "anchors": _key_digest(akey),
+            "layers": layers,
+            "width_factor": cfg.sae_width_factor,
+            "k": cfg.sae_k,
+            "tokens": cfg.sae_tokens,
+            "steps": cfg.sae_steps,
+            "batch_size": cfg.sae_batch_size,
+            "lr": cfg.sae_lr,
+            "aux_coef": cfg.sae_aux_coef,
+            "benign_fraction": cfg.benign_fraction,
+            "general_sources": list(cfg.sae_general_sources),
+            "harmless": digest(harmless),
+            "template": ctx.template,
+            "max_length": int(ctx.max_length),
+            "seed": int(ctx.seed),
+            "heldout": F.HELDOUT_FRACTION,
+        }
+        stamp = _key_digest(key)
         if store is not None and store.exists(SAE, key):
             tensors, meta = store.load(SAE, key)
             self.stats["loaded"].append(SAE)
-            sae = TopKSAE(meta["d_in"], meta["d_sae"], meta["k"], architecture=meta["architecture"])
-            sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
-            self._set_activation_state(
-                sae,
-                tensors["features"],
-                tensors["baseline_ids"],
-                tensors["baseline_lengths"],
-                tensors["z_base"],
-                dev,
-            )
-            return meta
+            saes = {}
+            for L in layers:
+                lm = meta["layers"][str(L)]
+                sae = TopKSAE(lm["d_in"], lm["d_sae"], lm["k"])
+                prefix = f"sae.{L}."
+                sae.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+                saes[L] = sae.eval()
+            return saes, meta, stamp
         t0 = time.perf_counter()
-        pad = self._pad_id(ctx)
-        meta: dict[str, Any] = {}
-        with _theta0(m):
-            if cfg.sae_path:
-                sae = load_sae(cfg.sae_path)
-                if hidden:
-                    check_sae_fits(sae, hidden, source=f"defense.cwac.sae_path={cfg.sae_path}")
-                meta["sae_source"] = cfg.sae_path
-                sae = sae.to(dev)
-            else:
-                x_anchor = self._residual_rows(
-                    m, self._prompt_ids(ctx, [anchors[i] for i in splits["sae"]]), sae_layer, pad, dev
-                )
-                x_benign = self._residual_rows(m, self._prompt_ids(ctx, harm_sae), sae_layer, pad, dev)
-                bf = cfg.benign_fraction
-                want = round(x_anchor.shape[0] * bf / (1 - bf)) if bf > 0 else 0
-                if want < x_benign.shape[0]:
-                    sel = torch.randperm(
-                        x_benign.shape[0], generator=torch.Generator().manual_seed(int(ctx.seed))
-                    )
-                    x_benign = x_benign[sel[:want]]
-                x = torch.cat([x_anchor, x_benign])
-                d = x.shape[1]
-                if hidden:
-                    check_sae_fits(TopKSAE(d, 1, 1), hidden, source="residual capture")
-                sae, st = train_sae(
-                    x,
-                    d_sae=cfg.sae_width_factor * d,
-                    k=min(cfg.sae_k, cfg.sae_width_factor * d),
-                    steps=cfg.sae_steps,
-                    lr=1e-3,
-                    batch_size=1024,
-                    seed=int(ctx.seed),
-                    device=dev,
-                )
-                meta.update(
-                    {
-                        "sae_source": "trained",
-                        "sae_tokens": int(x.shape[0]),
-                        "sae_tokens_anchor": int(x_anchor.shape[0]),
-                        "sae_tokens_benign": int(x_benign.shape[0]),
-                        **{f"sae_{k}": float(v) for k, v in st.items()},
-                    }
-                )
-            sae.eval().requires_grad_(False)
-            # safety latents: mean activation on anchors − on harmless prompts, over prompt positions
-            za = self._mean_code(
-                m, sae, self._prompt_ids(ctx, [anchors[i] for i in splits["score"]]), sae_layer, pad, dev
+        tok, tpl = ctx.tokenizer, ctx.template
+        anchor_set = {norm_text(a) for a in self.anchors}
+        candidates, _ = self._candidates(ctx)
+        harmful = [p for _, p in candidates if norm_text(p) not in anchor_set]
+        refusals = {norm_text(p): r for p, r in ctx.refusal_pairs}
+        start = max(1, template_prefix_len(tok, tpl))
+        docs, dstats = F.sae_documents(
+            tok, tpl, int(ctx.max_length), harmful, refusals, cfg.sae_general_sources, harmless,
+            cfg.sae_tokens, cfg.benign_fraction, start, int(ctx.seed), self.log,
+        )  # fmt: skip
+        if not docs:
+            raise SafeFTError("CWAC: no SAE training text (no harmful or general documents)")
+        tmp = None
+        if ctx.artifacts_dir is not None:
+            acts_dir = Path(ctx.artifacts_dir) / ACTIVATIONS / stamp
+        else:
+            tmp = tempfile.mkdtemp(prefix="cwac-acts-")
+            acts_dir = Path(tmp)
+        dev = device_of(m)
+        with theta0(m):
+            reader = F.capture_to_store(
+                m, docs, layers, acts_dir, {"sae": stamp, "docs": dstats}, start, pad_id(tok), self.progress
             )
-            zh = self._mean_code(m, sae, self._prompt_ids(ctx, harm_score), sae_layer, pad, dev)
-            diff = za - zh
-            n_feat = min(cfg.n_features, sae.d_sae)
-            features = diff.topk(n_feat).indices.sort().values.cpu()
-            # baselines at the last n_positions prompt positions of held-out anchors
-            base_seqs = self._prompt_ids(ctx, [anchors[i] for i in splits["baseline"]])
-            base_ids, base_len = _pad_right(base_seqs, pad)
-            zb = []
-            for i in range(0, base_ids.shape[0], 8):
-                ids, lengths = base_ids[i : i + 8], base_len[i : i + 8]
-                width = int(lengths.max())
-                h = run_to_layer(m, ids[:, :width].to(dev), _mask(lengths, width).to(dev), sae_layer)
-                pos = _last_positions(lengths, cfg.n_positions).to(dev)
-                hs = torch.gather(h, 1, pos[..., None].expand(-1, -1, h.shape[-1])).float()
-                zb.append(sae.encode(hs)[..., features.to(dev)].cpu())
-            z_base = torch.cat(zb)
-            meta.update(
-                {
-                    "d_in": sae.d_in,
-                    "d_sae": sae.d_sae,
-                    "k": sae.k,
-                    "architecture": sae.architecture,
-                    "sae_layer": sae_layer,
-                    "n_features": n_feat,
-                    "baselines": int(base_ids.shape[0]),
-                    "feature_score_top": float(diff[features.to(diff.device)].max()),
-                    "feature_score_mean": float(diff[features.to(diff.device)].mean()),
-                    "z_base_mean_norm": float(z_base.flatten(1).norm(dim=1).mean()),
-                }
-            )
-        if cfg.causal_check:
-            meta["causal_check"] = self._causal_check(
-                m, layers, sae_layer, sae, features, [anchors[i] for i in splits["score"]], ctx
-            )
+        saes, layer_meta = F.train_saes(
+            reader, layers, width=cfg.sae_width_factor * hidden, k=cfg.sae_k, steps=cfg.sae_steps,
+            batch_size=cfg.sae_batch_size, lr=cfg.sae_lr, aux_coef=cfg.sae_aux_coef, seed=int(ctx.seed),
+            device=dev, progress=self.progress,
+        )  # fmt: skip
+        meta = {"data": dstats, "layers": layer_meta}
         meta["seconds"] = round(time.perf_counter() - t0, 3)
+        meta["env"] = environment(dev)
         self.stats["computed"].append(SAE)
         if store is not None:
-            tensors = {f"sae.{k}": v for k, v in sae.state_dict().items()}
-            tensors.update(
-                {
-                    "features": features,
-                    "baseline_ids": base_ids,
-                    "baseline_lengths": base_len,
-                    "z_base": z_base,
-                }
-            )
+            tensors = {f"sae.{L}.{k}": v for L, s in saes.items() for k, v in s.state_dict().items()}
             path = store.save(SAE, tensors, meta=meta, config=key)
-            save_sae(sae, path / "sae_lens", hook_layer=sae_layer)  # reusable as defense.cwac.sae_path
-        self._set_activation_state(sae, features, base_ids, base_len, z_base, dev)
-        return meta
-
-    @torch.no_grad()
-    def _mean_code(self, m, sae, seqs, layer, pad, dev) -> torch.Tensor:
-        total = torch.zeros(sae.d_sae, dtype=torch.float64, device=dev)
-        count = 0
-        for batch, _ in self._batches(seqs, pad, dev):
-            h = run_to_layer(m, batch["input_ids"], batch["attention_mask"], layer).float()
-            keep = batch["attention_mask"].bool().clone()
-            keep[:, 0] = False
-            z = sae.encode(h[keep])
-            total += z.double().sum(0)
-            count += z.shape[0]
-        return (total / max(1, count)).float()
-
-    def _causal_check(self, m, layers, sae_layer, sae, features, prompts, ctx) -> dict[str, Any]:
-        prompts = prompts[:64]
-        n_tok = self.config.max_new_tokens_anchor_check
-        with _theta0(m):
-            plain = [self._is_refusal(a) for a in self._answers(m, ctx, prompts, n_tok)]
-            handle = layers[sae_layer].register_forward_hook(
-                ablate_latents_hook(sae, features.to(_device(m)))
-            )
-            try:
-                ablated = [self._is_refusal(a) for a in self._answers(m, ctx, prompts, n_tok)]
-            finally:
-                handle.remove()
-        out = {
-            "prompts": len(prompts),
-            "refusal_rate": sum(plain) / max(1, len(plain)),
-            "refusal_rate_ablated": sum(ablated) / max(1, len(ablated)),
-        }
-        self.log(
-            f"CWAC causal check on {len(prompts)} held-out anchors: θ₀ refusal rate {out['refusal_rate']:.2%}, "
-            f"with the {len(features)} safety latents ablated {out['refusal_rate_ablated']:.2%}"
-        )
-        return out
-
-    def _set_activation_state(self, sae, features, base_ids, base_len, z_base, dev) -> None:
-        self._sae = sae.to(dev).eval().requires_grad_(False)
-        self._features = features.long().to(dev)
-        self._base_ids = base_ids.long().cpu()
-        self._base_len = base_len.long().cpu()
-        self._z_base = z_base.float().to(dev)
-
-    # -- install the weight constraint
-    @torch.no_grad()
-    def _install(
-        self, m: nn.Module, modules: dict[str, nn.Module], Vs: dict[str, torch.Tensor], use_lora: bool
-    ):
-        self._lora, self._full, self._lora_modules = [], [], {}
-        for name, mod in modules.items():
-            V = Vs[name]
-            if use_lora:
-                self._lora_modules[name] = mod
-                for adapter in mod.lora_A:
-                    A = mod.lora_A[adapter].weight  # [r, d_in]
-                    Vd = V.to(device=A.device, dtype=torch.float32)
-                    self._lora.append((name, A, Vd))
-            else:
-                W = mod.weight  # [d_out, d_in]
-                self._full.append((name, W, W.detach().clone(), V.to(device=W.device, dtype=torch.float32)))
-        self.after_step(m)  # LoRA: project A once now (B = 0, so θ is unchanged); full FT: a no-op at step 0
+            for L, s in saes.items():  # reusable as defense.cwac.sae_path
+                save_sae(s, path / "sae_lens" / f"layer_{L}", hook_layer=L)
+        if not cfg.keep_activations or tmp is not None:
+            F.remove_store(acts_dir)
+        return saes, meta, stamp
 
     def _print_summary(self, s: dict[str, Any]) -> None:
-        parts = [f"CWAC: {s['anchors']} anchors (splits {s['splits']})"]
-        if "subspace" in s:
-            ranks = s["subspace"]["ranks"]
-            dims = s["subspace"]["d_in"]
-            shown = ", ".join(f"{k}: {ranks[k]}/{dims[k]}" for k in list(ranks)[:6])
-            parts.append(
-                f"subspace ranks kept ({len(ranks)} modules, energy {self.config.energy}): {shown}"
-                f"{' ...' if len(ranks) > 6 else ''}"
-            )
-        if "sae" in s:
-            sm = s["sae"]
-            ev = sm.get("sae_explained_variance")
-            parts.append(
-                f"SAE layer {sm['sae_layer']} ({sm['d_in']}→{sm['d_sae']}, k={sm['k']}, {sm.get('sae_source')})"
-                + (
-                    f", explained variance {ev:.3f}, dead {sm['sae_dead_fraction']:.1%}"
-                    if ev is not None
-                    else ""
-                )
-                + f"; {sm['n_features']} safety latents, {sm['baselines']} baselines"
-            )
-        parts.append(
-            f"cache: computed {self.stats['computed']}, loaded {self.stats['loaded']}; "
-            f"{s['prepare_seconds']:.1f}s"
-        )
-        for p in parts:
-            self.log(p)
+        for line in summary_lines(s, self.config.energy, self.config.subspace_center, self.stats):
+            self.log(line)
 
 
 @register_defense
