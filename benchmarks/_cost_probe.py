@@ -192,22 +192,25 @@ def ab(
     art = work / "artifacts"
     model = lora_model(d, device, dtype)
     dfn, prepare_s = cwac(model, tok, options, art, device)
+    entries = dfn.weights.entries  # CWAC v2: one entry per constrained tensor; modules of a group share one V
+    distinct_v = {id(e.V): e.V for e in entries}
+    act = getattr(dfn, "activation_term", None)
     info = {
         "prepare_seconds": prepare_s,
         "artifact_bytes": {p.parent.name: p.stat().st_size for p in art.rglob("*.safetensors")},
-        "v_ranks": [int(V.shape[1]) for _, _, V in dfn._lora],
-        "v_elements": sum(int(V.numel()) for _, _, V in dfn._lora),
-        "sae_elements": sum(p.numel() for p in dfn._sae.parameters()) if dfn._sae is not None else 0,
-        "z_base_elements": int(dfn._z_base.numel()) if dfn._z_base is not None else 0,
-        "anchor_len_mean": float(dfn._base_len.float().mean()) if dfn._base_len is not None else 0.0,
-        "constrained_modules": len(dfn._lora),
+        "v_ranks": [int(e.V.shape[1]) for e in entries],
+        "v_elements": sum(int(V.numel()) for V in distinct_v.values()),
+        "sae_elements": sum(p.numel() for s in act.saes.values() for p in s.parameters()) if act else 0,
+        "z_base_elements": sum(int(z.numel()) for z in act.z_base.values()) if act else 0,
+        "anchor_len_mean": (sum(len(q) for q in act.seqs) / len(act.seqs)) if act and act.seqs else 0.0,
+        "constrained_modules": len(entries),
     }
     t0 = time.perf_counter()
     for _ in range(10):
         dfn.after_step(model)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    info["after_step_per_module_s"] = (time.perf_counter() - t0) / 10 / max(1, len(dfn._lora))
+    info["after_step_per_module_s"] = (time.perf_counter() - t0) / 10 / max(1, len(entries))
     del model, dfn
     pairs = []
     bf16 = dtype == torch.bfloat16

@@ -401,6 +401,13 @@ def test_anchor_sources_interleaved_and_shared_data(shared_data):
 
 
 def test_anchor_judge_content_fallback_and_outcomes(tiny_tokenizer, tmp_path, monkeypatch):
+    import safeft.eval.judges as judges
+    from safeft.errors import SafeFTError as _Err
+
+    def unavailable(spec, **kw):  # e.g. the encoder package is not installed
+        raise _Err("content judge: the encoder package is not installed")
+
+    monkeypatch.setattr(judges, "get_judge", unavailable)
     logs: list[str] = []
     d = make(CWACConfig(**{**FAST, "activation": False}), logs=logs)
     s = d.prepare(lora(tiny_model()), ctx_for(tiny_tokenizer, tmp_path))
@@ -411,8 +418,6 @@ def test_anchor_judge_content_fallback_and_outcomes(tiny_tokenizer, tmp_path, mo
     class Content:
         def outcomes(self, prompts, answers):
             return ["refusal" if i % 2 else "harmful" for i in range(len(prompts))]
-
-    import safeft.eval.judges as judges
 
     monkeypatch.setattr(judges, "get_judge", lambda spec, **kw: Content())
     d2 = make(CWACConfig(**{**FAST, "activation": False}))

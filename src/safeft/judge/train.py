@@ -128,6 +128,58 @@ def fit_head(x: dict[str, torch.Tensor], items: Sequence[Item], *, hidden: int, 
         torch.set_num_threads(old)
 
 
+def fit_tuned(encoder: Any, train: Sequence[Item], val: Sequence[Item], *, hidden: int, lora_r: int,
+              lora_alpha: int, lr: float, epochs: int, batch_size: int, seed: int,
+              log: Callable[[str], None] = print) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Fine-tune LoRA adapters of the encoder together with the head (:mod:`safeft.eval.judges.tuned`) on ``train``;
+    after each epoch choose thresholds on ``val``. Returns the state (LoRA factors + head) of the epoch with the best
+    val score, and one trial record per epoch. Fixed seed, thread count and minibatch order."""
+    import copy
+
+    from safeft.eval.judges.tuned import TunedJudgeModel, tuned_logits
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(EMBED_THREADS)
+    try:
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        tok = encoder.tokenizer
+        model = TunedJudgeModel(copy.deepcopy(encoder.model), len(FEATURE_NAMES), hidden, lora_r, lora_alpha,
+                                tok.sep_token_id)
+        f_tr = feature_matrix([it.prompt for it in train], [it.answer for it in train])
+        f_va = feature_matrix([it.prompt for it in val], [it.answer for it in val])
+        model.head.f_mean.copy_(f_tr.mean(0))
+        model.head.f_std.copy_(f_tr.std(0).clamp_min(1e-3))
+        y, w = _targets(train)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-2)
+        n, best, trials = len(train), None, []
+        for ep in range(1, epochs + 1):
+            model.train()
+            perm = torch.randperm(n, generator=g)
+            t0 = time.perf_counter()
+            for s in range(0, n, batch_size):
+                idx = perm[s : s + batch_size].tolist()
+                enc = tok([train[i].prompt for i in idx], [train[i].answer for i in idx], padding=True,
+                          truncation="longest_first", max_length=encoder.max_length, return_tensors="pt")
+                logits = model(enc, f_tr[idx])
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits, y[idx].clamp_min(0), weight=w[idx], reduction="sum") / len(idx)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            p = torch.sigmoid(tuned_logits(model, tok, [it.prompt for it in val], [it.answer for it in val], f_va,
+                                           encoder.max_length, encoder.batch_size))
+            th, tr, sc = choose_thresholds(val, p[:, 0], p[:, 1])
+            trials.append({"epochs": ep, "t_harm": th, "t_ref": tr, "val_score": sc})
+            log(f"  lora r {lora_r}, epoch {ep}: val score {sc:.4f} (t_harm {th}, t_ref {tr}; "
+                f"{time.perf_counter() - t0:.0f} s)")
+            if best is None or round(sc, 6) > round(best[0], 6):
+                best = (sc, model.trainable_state(), trials[-1])
+        return best[1], trials
+    finally:
+        torch.set_num_threads(old)
+
+
 def predict(head: ContentHead, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.inference_mode():
         p = torch.sigmoid(head(x["ea"], x["epa"], x["f"]))
@@ -176,7 +228,11 @@ def choose_thresholds(items: Sequence[Item], p_harm: torch.Tensor, p_ref: torch.
 
 
 # the settings tried on val (every combination); the rest is fixed
-DEFAULT_DESIGN = {"hidden_grid": (64, 128), "epoch_grid": (10, 20, 40, 80), "lr": 1e-3, "weight_decay": 1e-2, "seed": 0}
+FROZEN_DESIGN = {"kind": "frozen", "hidden_grid": (64, 128), "epoch_grid": (10, 20, 40, 80), "lr": 1e-3,
+                 "weight_decay": 1e-2, "seed": 0}
+LORA_DESIGN = {"kind": "lora", "hidden": 128, "lora_r": 8, "lora_alpha": 16, "lr": 5e-4, "epochs": 4, "batch_size": 16,
+               "seed": 0}
+DEFAULT_DESIGN = FROZEN_DESIGN
 
 
 def build(out: str | Path | None = None, *, shared: Path | None = None, dev_dir: Path | None = None,
@@ -189,7 +245,8 @@ def build(out: str | Path | None = None, *, shared: Path | None = None, dev_dir:
     from safeft.io import sha256_file
 
     t0 = time.perf_counter()
-    d = {**DEFAULT_DESIGN, **(design or {})}
+    base = LORA_DESIGN if (design or {}).get("kind") == "lora" else DEFAULT_DESIGN
+    d = {**base, **(design or {})}
     data = load_sources(shared, dev_dir, sources)
     items = [it for s in sources for it in data[s]]
     split = {k: [it for it in items if it.split == k] for k in ("train", "val", "test")}
@@ -203,33 +260,62 @@ def build(out: str | Path | None = None, *, shared: Path | None = None, dev_dir:
 
         cache = cache_root() / "judge"
     encoder = Encoder(encoder_path)
-    x = {k: embed_items(v, encoder, cache, log) for k, v in split.items()}
+    extra: dict[str, Any] = {}
+    if d["kind"] == "lora":
+        from safeft.eval.judges.tuned import TunedJudgeModel, tuned_logits
 
-    # hidden size and epochs chosen on val (thresholds re-chosen for each); ties go to the smaller, shorter one
-    trials = []
-    for hidden in d["hidden_grid"]:
-        for ep in d["epoch_grid"]:
-            head = fit_head(x["train"], split["train"], hidden=hidden, epochs=ep, lr=d["lr"],
-                            weight_decay=d["weight_decay"], seed=d["seed"])
-            th, tr, sc = choose_thresholds(split["val"], *predict(head, x["val"]))
-            trials.append({"hidden": hidden, "epochs": ep, "t_harm": th, "t_ref": tr, "val_score": sc})
-            log(f"  hidden {hidden:3d}, epochs {ep:3d}: val score {sc:.4f} (t_harm {th}, t_ref {tr})")
-    best = max(trials, key=lambda t: (round(t["val_score"], 6), -t["hidden"], -t["epochs"]))
-    head = fit_head(x["train"], split["train"], hidden=best["hidden"], epochs=best["epochs"], lr=d["lr"],
-                    weight_decay=d["weight_decay"], seed=d["seed"])
+        state, trials = fit_tuned(encoder, split["train"], split["val"], hidden=d["hidden"], lora_r=d["lora_r"],
+                                  lora_alpha=d["lora_alpha"], lr=d["lr"], epochs=d["epochs"],
+                                  batch_size=d["batch_size"], seed=d["seed"], log=log)
+        best = max(trials, key=lambda t: (round(t["val_score"], 6), -t["epochs"]))
+        best["hidden"] = d["hidden"]
+        model = TunedJudgeModel(encoder.model, len(FEATURE_NAMES), d["hidden"], d["lora_r"], d["lora_alpha"],
+                                encoder.tokenizer.sep_token_id)
+        model.load_state_dict(state, strict=False)
+        extra = {"kind": "lora", "lora_r": d["lora_r"], "lora_alpha": d["lora_alpha"]}
+
+        def probs(k: str) -> tuple[torch.Tensor, torch.Tensor]:
+            its = split[k]
+            f = feature_matrix([it.prompt for it in its], [it.answer for it in its])
+            p = torch.sigmoid(tuned_logits(model, encoder.tokenizer, [it.prompt for it in its],
+                                           [it.answer for it in its], f, encoder.max_length, encoder.batch_size))
+            return p[:, 0], p[:, 1]
+
+        to_save: dict[str, torch.Tensor] = state
+    else:
+        x = {k: embed_items(v, encoder, cache, log) for k, v in split.items()}
+        # hidden size and epochs chosen on val (thresholds re-chosen for each); ties go to the smaller, shorter one
+        trials = []
+        for hidden in d["hidden_grid"]:
+            for ep in d["epoch_grid"]:
+                head = fit_head(x["train"], split["train"], hidden=hidden, epochs=ep, lr=d["lr"],
+                                weight_decay=d["weight_decay"], seed=d["seed"])
+                th, tr, sc = choose_thresholds(split["val"], *predict(head, x["val"]))
+                trials.append({"hidden": hidden, "epochs": ep, "t_harm": th, "t_ref": tr, "val_score": sc})
+                log(f"  hidden {hidden:3d}, epochs {ep:3d}: val score {sc:.4f} (t_harm {th}, t_ref {tr})")
+        best = max(trials, key=lambda t: (round(t["val_score"], 6), -t["hidden"], -t["epochs"]))
+        head = fit_head(x["train"], split["train"], hidden=best["hidden"], epochs=best["epochs"], lr=d["lr"],
+                        weight_decay=d["weight_decay"], seed=d["seed"])
+        extra = {"kind": "frozen"}
+
+        def probs(k: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return predict(head, x[k])
+
+        to_save = {k: v for k, v in head.state_dict().items()}
     th, tr = best["t_harm"], best["t_ref"]
 
     kj = KeywordJudge()
     metrics: dict[str, Any] = {}
     for k in ("val", "test"):
         its = split[k]
-        ours = decide(*predict(head, x[k]), th, tr)
+        ours = decide(*probs(k), th, tr)
         kw = kj.outcomes([it.prompt for it in its], [it.answer for it in its])
         metrics[k] = {"content": per_source(its, ours), "keyword": per_source(its, kw)}
     files = _data_files(shared, dev_dir, sources)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "name": "minilm-v1",
+        "name": f"minilm-{'lora' if d['kind'] == 'lora' else 'v1'}",
+        **extra,
         "encoder": "all-MiniLM-L6-v2",
         "encoder_sha256": sha256_file(encoder.path / "model.safetensors"),
         "max_length": encoder.max_length,
@@ -248,7 +334,7 @@ def build(out: str | Path | None = None, *, shared: Path | None = None, dev_dir:
         "command": "safeft judge --build",
     }
     if out is not None:
-        write_head(Path(out), head, manifest)
+        write_head(Path(out), to_save, manifest)
     return manifest
 
 
@@ -268,15 +354,19 @@ def _data_files(shared: Path | None, dev_dir: Path | None, sources: Sequence[str
     return {f.name: sha256_file(f) for s in sources for f in names[s]}
 
 
-def write_head(out: Path, head: ContentHead, manifest: dict[str, Any]) -> None:
-    """``out`` (safetensors) and ``out.with_suffix('.json')``, each written atomically."""
+def write_head(out: Path, state: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+    """``state`` to ``out`` (safetensors) and ``manifest`` to ``out.with_suffix('.json')``, each written atomically
+    and world-readable (they are package data)."""
     from safetensors.torch import save_file
 
     from safeft.io import atomic_write_text
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp),
-              metadata={"format_version": str(FORMAT_VERSION), "name": manifest["name"]})
+    # one metadata key: safetensors writes a multi-key header in hash order, and the bytes must not vary
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+              metadata={"safeft_judge": json.dumps({"format_version": FORMAT_VERSION, "name": manifest["name"]})})
     tmp.replace(out)
     atomic_write_text(out.with_suffix(".json"), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    for f in (out, out.with_suffix(".json")):
+        f.chmod(0o644)

@@ -101,14 +101,27 @@ class ContentJudge(Judge):
         if sha != self.meta["encoder_sha256"]:
             raise SafeFTError(f"content judge: {self.weights} was built on another encoder (sha {self.meta['encoder_sha256'][:12]}, "
                               f"found {sha[:12]} in {self.encoder.path}); {REBUILD_HINT}")
-        self.head = ContentHead(self.encoder.dim, len(FEATURE_NAMES), hidden=int(self.meta["hidden"]))
+        self.kind = self.meta.get("kind", "frozen")
         try:
             state = load_file(str(self.weights))
-            self.head.load_state_dict(state)
+            if self.kind == "lora":
+                from safeft.eval.judges.tuned import TunedJudgeModel
+
+                self.model = TunedJudgeModel(self.encoder.model, len(FEATURE_NAMES), int(self.meta["hidden"]),
+                                             int(self.meta["lora_r"]), int(self.meta["lora_alpha"]),
+                                             self.encoder.tokenizer.sep_token_id)
+                missing = set(self.model.trainable_state()) - set(state)
+                if missing:
+                    raise ValueError(f"missing tensors {sorted(missing)[:3]}")
+                self.model.load_state_dict(state, strict=False)
+                self.model.eval()
+            else:
+                self.head = ContentHead(self.encoder.dim, len(FEATURE_NAMES), hidden=int(self.meta["hidden"]))
+                self.head.load_state_dict(state)
+                self.head.eval()
         except Exception as e:  # noqa: BLE001 - any unreadable/mismatched file is the same user error
             raise SafeFTError(f"content judge: cannot read {self.weights} ({str(e).splitlines()[0]}); "
                               f"{REBUILD_HINT}") from None
-        self.head.eval()
         self.t_harm = float(self.meta["t_harm"] if t_harm is None else t_harm)
         self.t_ref = float(self.meta["t_ref"] if t_ref is None else t_ref)
         self.name = f"content:{self.meta['name']}"
@@ -119,6 +132,14 @@ class ContentJudge(Judge):
         self._check_lengths(prompts, answers)
         if not len(prompts):
             return torch.zeros(0), torch.zeros(0)
+        if self.kind == "lora":
+            from safeft.eval.judges.tuned import tuned_logits
+
+            logits = tuned_logits(self.model, self.encoder.tokenizer, list(prompts), list(answers),
+                                  feature_matrix(list(prompts), list(answers)), self.encoder.max_length,
+                                  self.encoder.batch_size, desc)
+            p = torch.sigmoid(logits)
+            return p[:, 0], p[:, 1]
         x = embed_inputs(self.encoder, prompts, answers, desc)
         with torch.inference_mode():
             p = torch.sigmoid(self.head(x["ea"], x["epa"], x["f"]))
