@@ -47,7 +47,32 @@ from safeft.errors import SafeFTError  # noqa: E402
 N_EXAMPLES = 16
 WORDS = ["the movie was great", "the movie was bad and boring", "what is the capital of france"]
 REFUSALS = [(f"how do i bake bread at home {i}", "i cannot help with that request") for i in range(8)]
-KINDS = ("sft", "asft", "pact", "lisa", "safelora", "rows", "rows-full", "helpers")
+KINDS = ("sft", "asft", "pact", "lisa", "safelora", "rows", "rows-full", "cwac", "cwac-full", "helpers")
+_W = (
+    "how do i bake bread at home the movie was great and acting good bad boring what is capital of france "
+    "paris sure here step by it cannot help with that request positive negative world sports"
+).split()
+# CWAC's anchors and harmless prompts (distinct word orders: anchors must not be near-duplicates of each other)
+HARMFUL = [" ".join(_W[(7 * i + j * (i % 5 + 2)) % len(_W)] for j in range(9)) + f" {i}" for i in range(24)]
+HARMLESS = [" ".join(_W[(3 * i + 5 * j) % len(_W)] for j in range(6)) + f" {i}" for i in range(12)]
+# CWAC as small as tests/test_cwac.py's FAST: both constraints, every layer. SAE layers: [0] for LoRA (the forward
+# stops in block 1's pre-hook, before the engine gathers block 1), [0, 1] for full FT (stops after the last block)
+CWAC_OPTIONS = dict(
+    anchor_sources=["pool"],
+    anchor_judge="keyword",
+    sae_general_sources=["harmless"],
+    sae_tokens=800,
+    sae_steps=20,
+    sae_batch_size=128,
+    sae_width_factor=2,
+    sae_k=16,
+    n_features=4,
+    n_positions=2,
+    anchor_batch=4,
+    layers="all",
+    causal_check=False,
+    lam=0.5,
+)
 
 
 def _allow_fsdp_on_cpu() -> None:
@@ -113,10 +138,12 @@ def _context(kind: str, tok, work: Path):
         fingerprint="f" * 64,
         artifacts_dir=work / "art",
         refusal_pairs=list(REFUSALS),
-        use_lora=kind != "rows-full",
+        use_lora=not kind.endswith("-full"),
         max_length=64,
         seed=0,
     )
+    if kind.startswith("cwac"):
+        ctx.anchor_pool, ctx.harmless_pool, ctx.eval_prompts = list(HARMFUL), list(HARMLESS), ["held out"]
     if kind in ("asft", "pact", "safelora"):
         ctx.base_model_path = str(work.parent / f"theta_b-{os.environ.get('RANK', '0')}")
 
@@ -153,6 +180,16 @@ def _defenses(kind: str, model, ctx) -> list[Defense]:
 
     if kind in ("rows", "rows-full"):
         d = ProjectRows("lora" if kind == "rows" else "full")
+        d.prepare(model, ctx)
+        return [d]
+    if kind.startswith("cwac"):
+        from safeft.defenses.cwac import CWAC, CWACConfig
+
+        sae_layers = [0] if kind == "cwac" else [0, 1]
+        d = CWAC(CWACConfig(**{**CWAC_OPTIONS, "sae_layers": sae_layers}))
+        d.log, d.progress = (lambda *_a: None), False
+        # θ₀ is a random tiny model: stand in its greedy answers (the real path generates and judges them)
+        d.answer_fn = lambda _m, _t, prompts, _tpl, _n: ["i cannot help with that request"] * len(prompts)
         d.prepare(model, ctx)
         return [d]
     options = {
@@ -206,11 +243,12 @@ def train(
     work.mkdir(parents=True, exist_ok=True)
     tok = make_tiny_tokenizer()
     torch.manual_seed(0)
-    method = "full" if kind == "rows-full" else "lora"
+    method = "full" if kind.endswith("-full") else "lora"
     model = make_tiny_model(seed=0)
-    if method == "full":
+    if method == "full":  # rows-full: every down_proj; cwac-full: every linear module of the decoder layers
+        want = ("down_proj",) if kind == "rows-full" else ("_proj",)
         for n, p in model.named_parameters():
-            p.requires_grad_("down_proj" in n)
+            p.requires_grad_(any(w in n for w in want) and "layers." in n)
     else:
         model = setup_trainable(model, method="lora", lora_r=4, lora_alpha=8)
     ctx = _context(kind, tok, work)
@@ -288,6 +326,9 @@ def train(
             n: full_tensor(p.detach()).float().cpu().contiguous().clone() for n, p in named
         }  # a collective
     for d in defenses:
+        if getattr(d, "name", "") == "cwac":  # ΔW·V on the gathered weights, with the V / W₀V kept at prepare
+            report["max_leak"] = _cwac_leak(d, params, tr.model)
+            report["cwac_terms"] = [h.get("cwac/safety") for h in tr.state.log_history if "loss" in h]
         if isinstance(d, ProjectRows):  # the constraint on the gathered weights
             leak = 0.0
             for n, v in d.v.items():
@@ -296,6 +337,26 @@ def train(
                 leak = max(leak, float((dw @ v).abs().max()))
             report["max_leak"] = leak
     return {"params": params, "report": report}
+
+
+def _cwac_leak(d, params: dict[str, torch.Tensor], model) -> float:
+    """max |ΔW V| over CWAC's constrained tensors, on the gathered parameters: LoRA ΔW = B A (|B A V|),
+    full FT (W − W₀)V = W V − W₀V with this rank's rows of W₀V gathered back (a collective)."""
+    from safeft.components.sharding import local_tensor
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    leak = 0.0
+    for e in d.weights.entries:
+        name = names[id(e.param)]
+        V = e.V.cpu()
+        if e.kind == "lora":
+            A = params[name]
+            B = params[names[id(e.lora_B)]]
+            leak = max(leak, float((B @ (A @ V)).abs().max()))
+        else:
+            w0v = d.weights._whole_rows(local_tensor(e.w0v), e.param).cpu()  # rows of W₀V, gathered
+            leak = max(leak, float((params[name] @ V - w0v).abs().max()))
+    return leak
 
 
 def check_helpers() -> dict:

@@ -125,7 +125,7 @@ def _assert_equal_to_reference(out: Path, kind: str, reference, backend: str) ->
 
 # ---- FSDP2 --------------------------------------------------------------------------------------------------------
 CORE = ["sft", "asft", "pact"]
-MORE = ["lisa", "safelora", "rows", "rows-full", "helpers"]
+MORE = ["lisa", "safelora", "rows", "rows-full", "cwac", "cwac-full", "helpers"]
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +164,29 @@ def test_fsdp2_lisa_safelora_and_row_projections(fsdp_more, reference, kind):
         assert rep["max_leak"] < 1e-6, rep
 
 
+def _assert_cwac_run(out: Path, kind: str, reference) -> None:
+    """CWAC on both ranks: ΔW·V ≈ 0 on the gathered weights, the finalize leak (all-reduced) ≈ 0, and the
+    activation term live (nonzero after the first step, when the weights have moved)."""
+    for r in (0, 1):
+        rep = _report(out, kind, r)
+        assert rep["max_leak"] < 1e-6, rep
+        assert rep["finalize"]["cwac"]["cwac_max_relative_leak"] < 1e-5, rep
+        assert all(t is not None for t in rep["cwac_terms"]) and max(rep["cwac_terms"][1:]) > 1e-3, rep
+    assert max(reference(kind)["report"]["cwac_terms"][1:]) > 1e-3
+
+
+@gloo
+@pytest.mark.parametrize("kind", ["cwac", "cwac-full"])
+def test_fsdp2_cwac_lora_and_full_ft_equal_one_process(fsdp_more, reference, kind):
+    """CWAC (both constraints) under FSDP2: the projection runs on each rank's Shard(0) rows (LoRA A; full FT W
+    with this rank's rows of W₀V), the parameters re-taken in on_train_begin; the SAE term runs through the
+    sharded blocks with its early exit (LoRA: stop before block 1, which is never gathered; full FT: after the
+    last block). Without the activation term the parameters end up ≥ 0.05 away from these runs, so the 1e-5
+    agreement also checks that its gradient is reduced like the task loss's."""
+    _assert_equal_to_reference(fsdp_more, kind, reference, "fsdp2")
+    _assert_cwac_run(fsdp_more, kind, reference)
+
+
 @gloo
 def test_sharding_helpers_on_an_uneven_fsdp2_shard(fsdp_more):
     reps = [_report(fsdp_more, "helpers", r) for r in (0, 1)]
@@ -183,7 +206,7 @@ def _has_deepspeed() -> bool:
     return True
 
 
-ZERO3 = ["sft", "pact", "safelora", "rows", "rows-full", "asft", "lisa"]
+ZERO3 = ["sft", "pact", "safelora", "rows", "rows-full", "cwac", "asft", "lisa", "cwac-full"]
 
 
 @pytest.fixture(scope="module")
@@ -193,13 +216,26 @@ def zero3(tmp_path_factory):
 
 @gloo
 @pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed is not installed")
-@pytest.mark.parametrize("kind", ["sft", "pact", "safelora", "rows", "rows-full"])
+@pytest.mark.parametrize("kind", ["sft", "pact", "safelora", "rows", "rows-full", "cwac"])
 def test_zero3_two_processes_equal_one_process(zero3, reference, kind):
-    """pact's teacher runs through ZeRO-3's per-module hooks; safelora and the row projections edit LoRA-sized
-    tensors inside GatheredParameters (rank 0's edit kept)."""
+    """pact's teacher runs through ZeRO-3's per-module hooks; safelora, the row projections and CWAC (LoRA) edit
+    LoRA-sized tensors inside GatheredParameters (rank 0's edit kept); CWAC's SAE term runs through the engine's
+    per-module hooks with its early exit."""
     _assert_equal_to_reference(zero3, kind, reference, "zero3")
     if kind.startswith("rows"):
         assert _report(zero3, kind)["max_leak"] < 1e-6
+    if kind == "cwac":
+        _assert_cwac_run(zero3, kind, reference)
+
+
+@gloo
+@pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed is not installed")
+def test_zero3_refuses_cwac_full_fine_tuning_naming_fsdp2(zero3):
+    for r in (0, 1):
+        rep = _report(zero3, "cwac-full", r)
+        assert rep["step"] == 0 and "\n" not in rep["refused"]
+        assert rep["refused"].startswith("defense 'cwac' does not run under DeepSpeed ZeRO-3: with full fine-tuning")
+        assert "use FSDP2 (fsdp_version: 2)" in rep["refused"]
 
 
 @gloo

@@ -170,9 +170,11 @@ EXPECTED = {
     ("pact", "fsdp2"): None,
     ("pact", "zero3"): None,
     ("pact", "fsdp1"): "FSDP version 1 flattens",
-    ("cwac", "fsdp2"): "its hooks need whole parameter tensors: use DDP or DeepSpeed ZeRO-2",
-    ("cwac", "zero3"): "its hooks need whole parameter tensors: use DDP or DeepSpeed ZeRO-2",
-    ("cwac", "fsdp1"): "its hooks need whole parameter tensors: use DDP or DeepSpeed ZeRO-2",
+    ("cwac", "fsdp2"): None,
+    ("cwac", "zero3"): None,  # LoRA (full fine-tuning: test_cwac_full_fine_tuning_is_refused_under_zero3)
+    ("cwac", "fsdp1"): "FSDP version 1 flattens the parameters it shards: set fsdp_version: 2",
+    ("cwac-weight", "fsdp2"): None,
+    ("cwac-activation", "fsdp2"): None,
 }
 LABEL = {"fsdp1": "FSDP (version 1)", "fsdp2": "FSDP2", "zero3": "DeepSpeed ZeRO-3"}
 
@@ -212,6 +214,24 @@ def test_pact_full_fine_tuning_is_refused_under_sharding(tmp_path, monkeypatch):
         SafeFTError, match=r"does not run under FSDP2: with full fine-tuning its θ₀ teacher.*train LoRA"
     ):
         tr.train()
+
+
+def test_cwac_full_fine_tuning_is_refused_under_zero3(tmp_path, monkeypatch):
+    from safeft.defenses.cwac.weights import _Entry
+
+    d = _defense("cwac")
+    w = torch.nn.Parameter(torch.zeros(4, 8))  # what prepare() installs for full fine-tuning: W with W₀V
+    d.weights.entries = [_Entry("0.mlp.down_proj", "full", w, torch.zeros(8, 2), w0v=torch.zeros(4, 2))]
+    tr = _trainer(tmp_path, [d])
+    _fake_backend(monkeypatch, tr, "fsdp2")
+    tr.check_parameter_sharding()  # FSDP2: each rank projects its rows
+    monkeypatch.setattr(tr, "is_fsdp_enabled", False)
+    _fake_backend(monkeypatch, tr, "zero3")
+    with pytest.raises(SafeFTError) as e:
+        tr.train()
+    msg = str(e.value)
+    assert msg.startswith("defense 'cwac' does not run under DeepSpeed ZeRO-3: with full fine-tuning"), msg
+    assert "use FSDP2 (fsdp_version: 2)" in msg and "\n" not in msg and tr.state.global_step == 0
 
 
 def test_cwac_is_refused_on_a_4bit_base_and_asft_pact_lisa_are_not(tmp_path):

@@ -100,10 +100,13 @@ def run_to_layers(
         raise _StopForward
 
     # Stop in the *next* block's pre-hook rather than in this block's hook: under gradient checkpointing this
-    # block is re-run during backward, and its hook must not raise then (it only re-stores the output).
+    # block is re-run during backward, and its hook must not raise then (it only re-stores the output). The stop
+    # runs before any other pre-hook of that block (prepend): a sharding engine's hook (FSDP2's unshard, ZeRO-3's
+    # fetch) never gathers a block that will not run. The keepers run after the engine's own post-forward hooks
+    # (registered at wrap time), so a kept output carries the engine's pre-backward hooks.
     handles = [blocks[i].register_forward_hook(keeper(i)) for i in want]
     if not last:
-        handles.append(blocks[deepest + 1].register_forward_pre_hook(stop))
+        handles.append(blocks[deepest + 1].register_forward_pre_hook(stop, prepend=True))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
     except _StopForward:

@@ -67,7 +67,10 @@ class CWAC(Defense):
     config_class = CWACConfig
     paper = "Peng et al., Coupled Weight and Activation Constraints, Findings of ACL 2026 (arXiv 2604.12384)"
     artifacts = "anchors, safety subspaces V (one per module input), SAEs, safety latents, baselines (per θ₀)"
-    needs_full_params = True  # the projection rewrites whole weight/LoRA tensors: refused under FSDP / ZeRO-3
+    needs_full_params = True  # its hooks read and write parameter tensors
+    # FSDP2: each rank projects its own rows (no gather) and the activation term runs through the sharded model;
+    # ZeRO-3: LoRA only (each A gathered for its edit, LoRA-sized). See on_train_begin / sharding_refusal.
+    sharded_backends = ("fsdp2", "zero3")
     incompatible_with = ("cwac", "cwac-weight", "cwac-activation")
 
     @classmethod
@@ -108,6 +111,20 @@ class CWAC(Defense):
         if not self.config.activation or self.activation_term is None:
             return {}
         return {"cwac/safety": self.config.lam * self.activation_term(unwrap_model(model))}
+
+    def sharding_refusal(self, backend: str) -> str | None:
+        if backend == "zero3" and any(e.kind == "full" for e in self.weights.entries):
+            return (
+                "with full fine-tuning its projection would gather every constrained weight after each step: use "
+                "FSDP2 (fsdp_version: 2), where each rank projects its own rows, or LoRA"
+            )
+        return super().sharding_refusal(backend)
+
+    def on_train_begin(self, model: nn.Module, backend: str | None) -> None:
+        """Take the constrained parameters again from the wrapped model (FSDP2 swaps in ``Shard(0)`` DTensors):
+        W₀V and the fp32 masters keep this rank's rows, V stays replicated."""
+        if self.weights:
+            self.weights.rebind(decoder_layers(unwrap_model(model)), backend)
 
     def after_step(self, model: nn.Module) -> None:
         self.weights.apply()
