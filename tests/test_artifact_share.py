@@ -156,6 +156,37 @@ def test_export_replaces_an_earlier_export_and_refuses_a_foreign_folder(shared, 
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
+def test_pact_artifact_round_trip_without_theta_b_reads(tmp_path, tiny_tokenizer):
+    import copy
+
+    from test_pact import Loader, lora, make_ctx, tiny_llama
+
+    from safeft.artifacts import session
+    from safeft.defenses.pact import PACT, PACTConfig
+    from safeft.share import export_shared
+
+    models = {"aligned": tiny_llama(0), "base": tiny_llama(1)}
+    loader = Loader(models)
+    first = PACT(PACTConfig(k=6, response_tokens=4))
+    first.prepare(lora(copy.deepcopy(models["aligned"])), make_ctx(tiny_tokenizer, tmp_path / "a", loader))
+    export_shared(tmp_path / "a", "f" * 64, tmp_path / "shared", defenses=["pact"])
+    load_shared(str(tmp_path / "shared"), tmp_path / "b", "f" * 64, log=quiet)
+    again = PACT(PACTConfig(k=6, response_tokens=4))
+    with session(strict=tmp_path / "b", source="shared"):
+        again.prepare(
+            lora(copy.deepcopy(models["aligned"])), make_ctx(tiny_tokenizer, tmp_path / "b", loader)
+        )
+    assert loader.calls == ["base"]  # θ_b read by the first prepare only: the second loaded the shared tokens
+    assert torch.equal(again.safety_ids, first.safety_ids) and torch.equal(again.weights, first.weights)
+    with (
+        session(strict=tmp_path / "b", source="shared"),
+        pytest.raises(SafeFTError, match="k: shared 6, this run 5"),
+    ):
+        PACT(PACTConfig(k=5, response_tokens=4)).prepare(
+            lora(copy.deepcopy(models["aligned"])), make_ctx(tiny_tokenizer, tmp_path / "b", loader)
+        )
+
+
 def test_pact_key_names_the_tokenizer_by_content_not_path(tmp_path):
     from helpers_models import make_tiny_tokenizer
     from transformers import AutoTokenizer
