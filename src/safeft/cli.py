@@ -133,7 +133,8 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     from safeft.pipeline import _jsonable, run_prepare
 
     cfg = _config(ns)
-    print(json.dumps(_jsonable(run_prepare(cfg)), indent=2))
+    res = run_prepare(cfg, share_from=ns.share_from, export_to=ns.export, push_to=ns.push_to)
+    print(json.dumps(_jsonable(res), indent=2))
     return 0
 
 
@@ -305,8 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(s)
     s.set_defaults(func=cmd_align)
 
-    s = sub.add_parser("prepare", help="compute a defense's artifacts for θ₀ (cached, keyed by its weights)")
+    s = sub.add_parser("prepare", help="compute a defense's artifacts for θ₀ (cached, keyed by its weights)",
+                       description="Compute (or load from the cache) a defense's artifacts for θ₀. Shareable "
+                       "artifacts (docs/artifacts.md): --from loads a shared folder or Hub repo instead of "
+                       "computing, --export writes one, --push-to uploads one to the Hub.")
     _add_config_flags(s)
+    g = s.add_argument_group("shareable artifacts (docs/artifacts.md)")
+    g.add_argument("--from", dest="share_from", metavar="DIR|REPO",
+                   help="load a shared artifact folder (local, works offline) or Hub repo id instead of computing; "
+                        "refused for another θ₀ or a tampered file")
+    g.add_argument("--export", metavar="DIR", help="write the artifacts as a shareable folder (safetensors, "
+                   "manifest, config.yaml, README.md card, CWAC SAEs in SAELens format)")
+    g.add_argument("--push-to", metavar="REPO", help="upload the shareable folder to this Hub repo (needs network "
+                   "and a token; the folder is kept if the upload fails)")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("train", help="fine-tune θ₀ on the (poisoned) task data under a defense")

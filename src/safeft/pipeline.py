@@ -318,8 +318,15 @@ def _check_defense_needs(cfg: RunConfig, defenses: list) -> None:
             raise SafeFTError(f"defense(s) {', '.join(lora_only)} work on LoRA adapters only: use --method lora")
 
 
-def run_prepare(cfg: RunConfig, log: Any = print) -> dict[str, Any]:
-    """Compute (or load from cache) the artifacts of ``cfg.defense`` for θ₀, without training."""
+def run_prepare(cfg: RunConfig, log: Any = print, *, share_from: str | None = None, export_to: str | None = None,
+                push_to: str | None = None) -> dict[str, Any]:
+    """Compute (or load from cache) the artifacts of ``cfg.defense`` for θ₀, without training.
+
+    share_from: a shared artifact folder or Hub repo id (safeft.share) loaded into θ₀'s cache first; nothing is
+    then computed (an artifact it lacks, or one made with other settings, stops the run). export_to: write the
+    artifacts this prepare used as a shared folder there. push_to: upload that folder to this Hub repo (exported
+    to ``<artifacts root>/<fingerprint[:16]>-shared`` when no export_to is given, and kept if the upload fails)."""
+    from safeft.artifacts import session
     from safeft.defenses import build_defenses
     from safeft.models import fingerprint, load_model, setup_trainable
 
@@ -335,12 +342,42 @@ def run_prepare(cfg: RunConfig, log: Any = print) -> dict[str, Any]:
                             lora_alpha=cfg.training.lora_alpha, target_modules=cfg.training.lora_targets)
     ctx = build_context(cfg, model, tokenizer, splits, aligned_dir, base_dir, fp)
     out: dict[str, Any] = {"fingerprint": fp, "artifacts_dir": str(ctx.artifacts_dir)}
-    for d in defenses:
-        t0 = time.perf_counter()
-        fn = getattr(d, "prepare_artifacts", None)
-        summary = fn(model, ctx) if fn else (d.prepare(model, ctx) or {})
-        out[d.name] = {"prepare_seconds": time.perf_counter() - t0, **(summary if isinstance(summary, dict) else {})}
+    if share_from:
+        from safeft.share import load_shared
+
+        load_shared(share_from, ctx.artifacts_dir, fp, log=log)
+        out["shared_from"] = share_from
+    with session(strict=ctx.artifacts_dir if share_from else None, source=str(share_from)) as sess:
+        for d in defenses:
+            t0 = time.perf_counter()
+            fn = getattr(d, "prepare_artifacts", None)
+            summary = fn(model, ctx) if fn else (d.prepare(model, ctx) or {})
+            out[d.name] = {"prepare_seconds": time.perf_counter() - t0,
+                           **(summary if isinstance(summary, dict) else {})}
+    if export_to or push_to:
+        from safeft.share import export_shared, push_shared
+
+        folder = Path(export_to) if export_to else artifacts_root(cfg) / f"{fp[:16]}-shared"
+        names = [p.name for p in sess.used if p.parent == Path(ctx.artifacts_dir)]
+        export_shared(ctx.artifacts_dir, fp, folder, names=names, settings=share_settings(cfg),
+                      model=cfg.model.aligned, defenses=[d.name for d in defenses])
+        out["exported_to"] = str(folder)
+        log(f"shared artifact folder written to {folder}")
+        if push_to:
+            out["pushed_to"] = push_shared(folder, push_to)
+            log(f"pushed to {out['pushed_to']}")
     return out
+
+
+def share_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The run settings a shared artifact folder records (config.yaml): everything but local paths and training
+    bookkeeping that no artifact depends on."""
+    d = cfg.to_dict()
+    d.pop("artifacts_dir", None)
+    d["model"].pop("cache_dir", None)
+    for k in ("output_dir", "resume", "progress", "save_steps", "save_total_limit", "logging_steps"):
+        d["training"].pop(k, None)
+    return d
 
 
 def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> dict[str, Any]:

@@ -200,6 +200,14 @@ def _fingerprint_path(path: str) -> str:
     return f"path:{path}"
 
 
+def _tokenizer_id(tok: Any) -> str:
+    """The tokenizer's content (vocabulary, size, chat template) as a short hash, not its path: a shared artifact
+    (safeft.share) keyed by it loads on any machine with the same tokenizer."""
+    vocab = sorted(tok.get_vocab().items())
+    blob = json.dumps([vocab, len(tok), getattr(tok, "chat_template", None)], ensure_ascii=False, default=str)
+    return f"sha256:{hashlib.sha256(blob.encode()).hexdigest()[:16]}|{len(tok)}"
+
+
 def _pair(item: Any) -> tuple[str, str]:
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return str(item[0]), str(item[1])
@@ -424,7 +432,7 @@ class PACT(Defense):
             "template": ctx.template,
             "base_model": _fingerprint_path(str(ctx.base_model_path)),
             "refusal_pairs_sha256": pairs_hash,
-            "tokenizer": f"{getattr(tok, 'name_or_path', '')}|{len(tok)}",
+            "tokenizer": _tokenizer_id(tok),
         }
 
     def prepare(self, model: nn.Module, ctx: DefenseContext) -> None:
