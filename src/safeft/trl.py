@@ -206,9 +206,8 @@ def _sft_trainer_class():
                     f"defense_context={{'model.aligned': <θ₀ dir or hub id>, ...}} (run-config keys, see "
                     f"docs/trl.md), a DefenseContext, or Defense objects you prepared yourself"
                 )
-            tokenizer = getattr(
-                self.processing_class, "tokenizer", self.processing_class
-            )  # a processor's tokenizer
+            # a processor (vision-language models) carries its tokenizer
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
             if isinstance(ctx, dict):
                 ctx = defense_context(self.model, tokenizer, ctx)
             if ctx is None:  # only defenses without a prepare of their own: the base checks (LoRA-only, θ_b)
