@@ -264,6 +264,45 @@ def test_logits_term_same_weights_as_safetrainer(tmp_path):
     assert all("logit/l2" in h for h in trl_tr.state.log_history if "loss" in h)
 
 
+class _Hooks(Defense):
+    name = "hooks-test"
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list = []
+
+    def on_train_begin(self, model, backend):
+        self.calls.append(("begin", backend))
+
+    def after_step(self, model):
+        self.calls.append("step")
+
+
+def test_hooks_per_optimizer_step_and_sharding_refusal_as_in_safetrainer(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from safeft.defenses.cwac import CWAC
+
+    d = _Hooks()
+    args = _args(tmp_path / "a", gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    _trainer(tmp_path / "a", defense=d, args=args).train()
+    assert d.calls == [
+        ("begin", None),
+        "step",
+        "step",
+        "step",
+    ]  # once per optimizer step, not per micro-batch
+    # the refusal SafeTrainer gives before the first step, under FSDP2 as accelerate reports it
+    tr = _trainer(tmp_path / "b", defense=CWAC())
+    monkeypatch.setattr(tr, "is_fsdp_enabled", True)
+    monkeypatch.setattr(tr.accelerator.state, "fsdp_plugin", SimpleNamespace(fsdp_version=2), raising=False)
+    with pytest.raises(
+        SafeFTError, match="defense 'cwac' does not run under FSDP2: its hooks need whole parameter"
+    ):
+        tr.train()
+    assert tr.state.global_step == 0
+
+
 # ---- checkpoint + resume -------------------------------------------------------------------------------------------
 def _lisa_context(tok) -> DefenseContext:
     from safeft.pipeline import tokenize_all
