@@ -429,11 +429,7 @@ def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> 
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - t_train
-    finalize = {}
-    for d in defenses:
-        summary = d.finalize(trainer.model)
-        if summary:
-            finalize[d.name] = summary
+    finalize = trainer.finalize_defenses()
     final_dir = out_dir / "final"
     tmp_dir = out_dir / ".final.tmp"
     main_process = trainer.is_world_process_zero()  # multi-process: one writer for final/ and run.json

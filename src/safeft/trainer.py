@@ -1,6 +1,7 @@
 """SafeTrainer: one ``transformers.Trainer`` for every defense.
 
-Every defense is SFT plus terms, so the trainer is the plain Trainer with three additions:
+Every defense is SFT plus terms, so the trainer is the plain Trainer with these additions, all in
+:class:`DefenseTrainerMixin` (which ``safeft.trl.SafeSFTTrainer`` shares with :class:`SafeTrainer`):
 
 * ``compute_loss`` adds each defense's named loss terms to the task loss and logs each one;
 * a callback runs each defense's ``after_step`` right after every optimizer step (on every rank under DDP, where
@@ -10,8 +11,8 @@ Every defense is SFT plus terms, so the trainer is the plain Trainer with three 
   parameters (FSDP1, FSDP2, DeepSpeed ZeRO-3: see each defense's ``sharding_refusal``) or a 4-bit base model; once
   the engine has wrapped the model it calls each defense's ``on_train_begin`` (FSDP2 swaps in sharded parameters).
 
-With no terms (plain SFT) ``compute_loss`` *is* ``Trainer.compute_loss``: the null defense's loss equals the plain
-Trainer's loss exactly.
+With no terms (plain SFT) ``compute_loss`` *is* the parent's ``compute_loss``: the null defense's loss equals the
+plain Trainer's loss exactly.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ SHARDING_LABELS = {"fsdp1": "FSDP (version 1)", "fsdp2": "FSDP2", "zero3": "Deep
 
 
 class _DefenseCallback(TrainerCallback):
-    def __init__(self, trainer: SafeTrainer):
+    def __init__(self, trainer: DefenseTrainerMixin):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -61,8 +62,11 @@ class _DefenseCallback(TrainerCallback):
                 save_file(tensors, str(ckpt / DEFENSE_STATE))
 
 
-class SafeTrainer(Trainer):
-    """A ``transformers.Trainer`` that holds a list of :class:`~safeft.defenses.base.Defense` objects."""
+class DefenseTrainerMixin:
+    """The defense machinery of a ``transformers.Trainer`` subclass: put it first in the bases
+    (``class X(DefenseTrainerMixin, SomeTrainer)``) so that its ``compute_loss``, ``log`` and ``train`` wrap the
+    parent's. Holds a list of :class:`~safeft.defenses.base.Defense` objects in ``self.defenses``; the task loss is
+    whatever the parent's ``compute_loss`` returns (see :meth:`task_loss`)."""
 
     def __init__(self, *args: Any, defenses: list[Defense] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -72,6 +76,20 @@ class SafeTrainer(Trainer):
         self.add_callback(_DefenseCallback(self))
 
     # ---- loss ------------------------------------------------------------------------------------------------
+    def task_loss(self, model, inputs, num_items_in_batch, return_outputs: bool) -> tuple[torch.Tensor, Any]:
+        """(task loss, model outputs passed to ``loss_terms``): the parent trainer's ``compute_loss``."""
+        return super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        # the rule Trainer.training_step uses to decide whether it still divides the loss by the GA steps
+        fixed = getattr(self, "loss_is_scaled_for_ga", None)
+        if fixed is not None:
+            return bool(fixed)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+            or self.compute_loss_func is not None
+        )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         step = self.state.global_step
         orig = inputs
@@ -87,9 +105,7 @@ class SafeTrainer(Trainer):
             num_items_in_batch = (
                 n.to(num_items_in_batch.device) if torch.is_tensor(num_items_in_batch) else int(n)
             )
-        loss, outputs = super().compute_loss(
-            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
+        loss, outputs = self.task_loss(model, inputs, num_items_in_batch, return_outputs)
         terms: dict[str, torch.Tensor] = {}
         for d in self.defenses:
             for name, value in d.loss_terms(model, inputs, outputs).items():
@@ -101,8 +117,11 @@ class SafeTrainer(Trainer):
             # The task loss is already normalised over the whole accumulated batch when the model takes
             # num_items_in_batch; per-micro-batch terms then need the 1/GA factor themselves (the trainer only
             # divides losses that were not normalised that way).
-            scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            ga = self.current_gradient_accumulation_steps if scaled else 1
+            ga = (
+                self.current_gradient_accumulation_steps
+                if self._loss_is_scaled_for_ga(num_items_in_batch)
+                else 1
+            )
             for name, value in terms.items():
                 self._log_term(name, value)
                 loss = loss + value.to(loss.dtype) / ga
@@ -178,9 +197,29 @@ class SafeTrainer(Trainer):
                 f"sharded with FSDP2 or ZeRO-2 if it does not fit one GPU (see docs/distributed.md)"
             )
 
+    def finalize_defenses(self) -> dict[str, Any]:
+        """Run each defense's ``finalize`` on the trained model (every rank); ``{name: summary}`` of the non-empty
+        summaries. Call once, after ``train`` and before saving the model (SafeLoRA projects here)."""
+        out = {}
+        for d in self.defenses:
+            summary = d.finalize(self.model)
+            if summary:
+                out[d.name] = summary
+        return out
+
     def train(self, resume_from_checkpoint=None, **kwargs):
         self.check_parameter_sharding()
+        if resume_from_checkpoint is True:
+            # the Trainer's own rule for "the last checkpoint of output_dir"; None leaves its error to the Trainer
+            from transformers.trainer_utils import get_last_checkpoint
+
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            resume_from_checkpoint = last or resume_from_checkpoint
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             self.load_defense_state(resume_from_checkpoint)
-        out = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-        return out
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+class SafeTrainer(DefenseTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` that holds a list of :class:`~safeft.defenses.base.Defense` objects
+    (``defenses=[...]``, prepared by the caller: see ``safeft.pipeline.run_train``)."""

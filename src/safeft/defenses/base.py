@@ -143,6 +143,9 @@ class Defense:
     needs_full_params: ClassVar[bool] = False
     sharded_backends: ClassVar[tuple[str, ...]] = ()
     supports_4bit_base: ClassVar[bool] = False
+    # True when ``loss_terms`` reads the task forward's ``outputs.logits`` (PACT): trainers whose task loss skips the
+    # full logits (TRL's fused LM head, see safeft.trl) then compute the task loss from the full logits instead.
+    needs_logits: ClassVar[bool] = False
     # defenses that cannot share a run with this one (by name)
     incompatible_with: ClassVar[tuple[str, ...]] = ()
 

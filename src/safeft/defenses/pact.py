@@ -397,6 +397,7 @@ class PACT(Defense):
     artifacts = "safety tokens S and weights w (from θ₀ vs θ_b on refusals), cached per model pair"
     needs_base_model = True
     needs_full_params = True  # its teacher forward runs θ₀ outside the training forward and reads the head
+    needs_logits = True  # the KL term reads the student's logits of the task forward
     sharded_backends = ("fsdp2", "zero3")  # LoRA only (see sharding_refusal)
     supports_4bit_base = True  # the teacher is the quantized θ₀ with adapters off
     config: PACTConfig
