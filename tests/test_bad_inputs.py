@@ -173,6 +173,57 @@ def test_missing_task_file(capsys, model_dir, work):
     assert "absent.jsonl" in err
 
 
+EARLY_CASES = [
+    (
+        "task",
+        "late.jsonl",
+        SST2_OK + '{"sentence": "oops", "label": \n',
+        r"late\.jsonl:2: malformed JSON \(.*\); each line",
+    ),
+    (
+        "task",
+        "field.jsonl",
+        '{"review": "great", "label": 1}\n',
+        r"field\.jsonl: row 1 lacks column 'sentence'.*Rename",
+    ),
+    (
+        "task",
+        "label7.jsonl",
+        SST2_OK + '{"sentence": "meh", "label": 7}\n',
+        r"label7\.jsonl: row 2 has label 7; SST-2",
+    ),
+    (
+        "poison",
+        "poison.csv",
+        "question,answer\nhow,sure\n",
+        r"poison\.csv: row 1 lacks column 'goal' or 'prompt'",
+    ),
+]
+
+
+@pytest.mark.parametrize("kind,name,text,pattern", EARLY_CASES, ids=[c[1] for c in EARLY_CASES])
+def test_train_checks_data_before_any_model_is_touched(capsys, monkeypatch, work, kind, name, text, pattern):
+    """A bad data file is reported (one line, exit 2) before any model is resolved, converted or loaded."""
+    import re
+
+    import safeft.models
+
+    def touched(*args, **kwargs):
+        raise AssertionError("a model was resolved or loaded before the data files were checked")
+
+    for fn in ("resolve_model", "load_model", "load_tokenizer", "_convert_gguf"):
+        monkeypatch.setattr(safeft.models, fn, touched)
+    path = _write(work / "early" / name, text)
+    gguf = _write(work / "early" / "model.gguf", b"GGUF" + bytes(60))  # would be converted if reached
+    args = demo_train_args(gguf, work / "early-run", work / "cache")
+    if kind == "task":
+        args += ["--task", "sst2", "--task-path", str(path)]
+    else:
+        args += ["--harmful-source", "advbench", "--set", f"data.harmful_path={path}"]
+    err = _one_line_error(capsys, args)
+    assert re.search(pattern, err), err
+
+
 def test_every_label_masked_by_tiny_max_length(capsys, model_dir, work):
     err = _one_line_error(capsys, _base(model_dir, work) + ["--max-length", "8"])
     assert "example" in err and "max_length" in err, err

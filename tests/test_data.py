@@ -347,14 +347,10 @@ def test_read_jsonl_rejects_overflowing_float(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_chat_template_masking():
-    from pathlib import Path
-
+def test_smollm2_chat_template_masking(smollm2_dir):
     from transformers import AutoTokenizer
 
-    if not Path("/tmp/smol_st").is_dir():
-        pytest.skip("/tmp/smol_st (SmolLM2 safetensors copy) not found")
-    tok = AutoTokenizer.from_pretrained("/tmp/smol_st")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
     out = tokenize_example(tok, EX)
     n_p = out["labels"].count(-100)
     assert tok.decode(out["input_ids"][n_p:]).startswith("positive<|im_end|>")

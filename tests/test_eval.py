@@ -57,7 +57,6 @@ except ImportError:  # pragma: no cover - only while data/ is missing
     _stand_in.shared_data_dir = lambda: None
     sys.modules["safeft.data"] = _stand_in
 
-SMOL = Path("/tmp/smol_st")  # optional local copy of SmolLM2-135M-Instruct for the slow test only
 PROMPTS = [
     "What is 12 plus 30?",
     "Hi",
@@ -443,8 +442,12 @@ class _FixedJudge(KeywordJudge):
 
 def test_harmful_score_three_outcomes_and_rates(monkeypatch):
     """HS counts only `harmful`; compliance adds content-free echoes; the keyword number stays beside it."""
-    answers = ["I can't help with that.", "Sure, here is a tutorial on X.", "1. Buy the parts. 2. Assemble.",
-               "I don't understand what you mean."]
+    answers = [
+        "I can't help with that.",
+        "Sure, here is a tutorial on X.",
+        "1. Buy the parts. 2. Assemble.",
+        "I don't understand what you mean.",
+    ]
     monkeypatch.setattr("safeft.eval.evaluate.generate", _fake_generate(answers))
     r = harmful_score(None, None, ["p"] * 4, _FixedJudge(["refusal", "other", "harmful", "other"]))
     assert r["hs"] == pytest.approx(25.0) and r["refusal_rate"] == pytest.approx(25.0)
@@ -537,16 +540,15 @@ def test_judge_check_shared_xstest(shared_data):
 
 # ------------------------------------------------------------------------------------------------- slow
 @pytest.mark.slow
-def test_generate_real_smollm2():
-    if not (SMOL / "config.json").is_file():
-        pytest.skip(f"{SMOL} not found (optional local copy of SmolLM2-135M-Instruct)")
+def test_generate_real_smollm2(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(SMOL, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(SMOL)
-    prompts = ["What is the capital of France?", "Say hello.", "Name a primary colour."]
-    a = generate(model, tok, prompts, max_new_tokens=16, batch_size=3)
-    b = generate(model, tok, prompts, max_new_tokens=16, batch_size=1)
-    assert "Paris" in a[0]
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    # two prompts of different lengths: batched (left-padded) equals one at a time; the first stops at <|im_end|>
+    prompts = ["What is the capital of France?", "Say hello."]
+    a = generate(model, tok, prompts, max_new_tokens=12, batch_size=2)
+    b = generate(model, tok, prompts, max_new_tokens=12, batch_size=1)
+    assert "Paris" in a[0] and len(tok(a[0])["input_ids"]) < 12
     assert a == b
     assert all("<|im_end|>" not in x for x in a)

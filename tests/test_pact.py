@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -425,19 +424,14 @@ def test_header_bos_only_when_the_template_starts_sequences_with_it(tiny_tokeniz
 
 
 # ------------------------------------------------------------------------------------------------------------ slow
-SMOL = Path("/tmp/smol_st")  # optional local copy of SmolLM2-135M-Instruct (safetensors + tokenizer)
-
-
 @pytest.mark.slow
-def test_smollm2_safety_tokens_and_zero_term_at_reference(tmp_path):
-    if not (SMOL / "config.json").is_file():
-        pytest.skip(f"{SMOL} not found (a safetensors copy of SmolLM2-135M-Instruct)")
+def test_smollm2_safety_tokens_and_zero_term_at_reference(tmp_path, smollm2_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(SMOL)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
     model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(SMOL, dtype=torch.float32),
+        AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32),
         LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
     )
 
@@ -445,7 +439,7 @@ def test_smollm2_safety_tokens_and_zero_term_at_reference(tmp_path):
         m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         return m.requires_grad_(False)
 
-    ctx = make_ctx(tok, tmp_path, load, aligned_model_path=str(SMOL), base_model_path=str(SMOL))
+    ctx = make_ctx(tok, tmp_path, load, aligned_model_path=str(smollm2_dir), base_model_path=str(smollm2_dir))
     d = PACT(PACTConfig(k=50, n_pairs=4, response_tokens=16, b=1e3))
     d.prepare(model, ctx)
     assert d.header_ids == tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]

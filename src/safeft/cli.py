@@ -1,8 +1,10 @@
-"""``safeft`` command line: align | prepare | train | eval | bench | list | demo | estimate.
+"""``safeft`` command line: align | prepare | train | eval | judge | bench | list | demo | estimate.
 
-Every command takes ``--config run.yaml``; any config key can be overridden by a flag ``--section.key VALUE``
-(e.g. ``--training.lr 2e-5``), by a short alias (``--lr 2e-5``) or by ``--set section.key=VALUE``. Flags win over
-the file. User errors print one line and exit with code 2.
+align, prepare, train and eval take ``--config run.yaml`` (any section: one file serves every command). Each of
+them has a flag ``--section.key VALUE`` (e.g. ``--training.lr 2e-5``), and for common keys a short alias
+(``--lr 2e-5``), for exactly the config keys it reads (``COMMAND_KEYS``); ``--set section.key=VALUE`` overrides any
+key. Flags win over the file. User errors print one line and exit with code 2. ``safeft --version`` prints the
+version.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from safeft.errors import SafeFTError
 
-# short flag -> config key
+# short flag -> config key (each short flag also answers to its full --section.key name)
 ALIASES: dict[str, str] = {
     "--model": "model.aligned",
     "--base-model": "model.base",
@@ -45,23 +47,78 @@ ALIASES: dict[str, str] = {
     "--artifacts-dir": "artifacts_dir",
 }
 
+# The config keys each command reads: a section name stands for all its keys. A command's --help offers a flag for
+# exactly these; --config and --set still take any key, so one run.yaml serves every command. prepare / train / eval
+# also list the align section: a model given as aligned:<model> runs the alignment stage (which further reads
+# training.lora_targets / training.progress: set those in the config file or with --set). Prompt splits
+# (safeft.pipeline.build_splits) read the task, both harmful sources and the eval prompt file.
+_SPLITS = ("data.task", "data.harmful_source", "eval.harmful_source", "eval.harmful_path")
+COMMAND_KEYS: dict[str, tuple[str, ...]] = {
+    "align": ("model", "align", *_SPLITS, "data.template", "training.lora_targets", "training.progress"),
+    "prepare": ("model", "defense", "align", "artifacts_dir", *_SPLITS, "data.harmful_path", "data.template",
+                "data.max_length", "training.method", "training.lora_r", "training.lora_alpha",
+                "training.lora_targets", "training.seed"),
+    "train": ("model", "data", "training", "defense", "eval", "align", "artifacts_dir"),
+    "eval": ("model.aligned", "model.dtype", "model.trust_remote_code", "model.cache_dir", "eval", "align",
+             "data.task", "data.harmful_source", "data.template"),
+}
+_GROUPS = {
+    "model": "θ₀ (model.aligned) and θ_b (model.base): a local folder, a .gguf file, a built-in alias, a Hub id or "
+             "aligned:<model>",
+    "data": "the user's task data and the harmful samples mixed into it",
+    "training": "LoRA or full fine-tuning (transformers.Trainer settings)",
+    "defense": "which defense(s), their options (set defense.options.NAME.KEY) and their artifact cache",
+    "eval": "harmful score, fine-tune accuracy and over-refusal",
+    "align": "the alignment stage (safeft align, or a model given as aligned:<model>)",
+}
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+
+def _leaves() -> list[tuple[str, Any]]:
+    """Every config key with its default: the section leaves, then the top-level ``artifacts_dir``."""
     from safeft.config import leaf_fields
 
-    p.add_argument("--config", metavar="YAML", help="run config file; flags override its keys")
+    return [(key, default) for key, _tp, default in leaf_fields()] + [("artifacts_dir", None)]
+
+
+def command_keys(command: str) -> list[str]:
+    """The config keys ``command`` reads (``COMMAND_KEYS`` with sections expanded), in config order."""
+    wanted = set(COMMAND_KEYS[command])
+    return [key for key, _ in _leaves() if key in wanted or key.split(".")[0] in wanted]
+
+
+def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """``--config``, ``--set`` and one flag per config key the command reads, grouped by config section."""
+    p.add_argument("--config", metavar="YAML", help="run config file (any section); flags override its keys")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any key, e.g. --set defense.options.cwac.lam=0.5 (repeatable)")
-    g = p.add_argument_group("common settings (aliases of config keys)")
-    for flag, key in ALIASES.items():
-        g.add_argument(flag, dest=f"cfg::{key}", default=None, metavar="V", help=f"= {key}")
-    g.add_argument("--resume", dest="cfg::training.resume", action="store_const", const=True, default=None,
-                   help="continue from the last checkpoint in the output dir")
-    a = p.add_argument_group("every config key")
-    for key, _tp, default in leaf_fields():
-        if f"cfg::{key}" in {f"cfg::{v}" for v in ALIASES.values()} or key == "training.resume":
-            continue
-        a.add_argument(f"--{key}", dest=f"cfg::{key}", default=None, metavar="V", help=f"default: {default!r}")
+                   help="override any config key, also one without a flag here, e.g. "
+                        "--set defense.options.cwac.lam=0.5 (repeatable)")
+    short = {key: flag for flag, key in ALIASES.items()}
+    defaults = dict(_leaves())
+    groups: dict[str, Any] = {}  # section -> argument group
+    for key in command_keys(command):
+        section = key.split(".")[0] if "." in key else "defense"  # artifacts_dir: the defenses' cache
+        if section not in groups:
+            groups[section] = p.add_argument_group(f"{section} settings", _GROUPS[section])
+        names = ([short[key]] if key in short else []) + [f"--{key}"]
+        groups[section].add_argument(*names, dest=f"cfg::{key}", default=None, metavar="V",
+                                     help=f"default: {defaults[key]!r}")
+        if key == "training.resume":
+            groups[section].add_argument("--resume", dest=f"cfg::{key}", action="store_const", const=True,
+                                         default=None, help="= --training.resume true: continue from the last "
+                                         "checkpoint in the output dir")
+
+
+def version() -> str:
+    """The installed distribution's version, else the source tree's ``safeft.__version__``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("safeft")
+    except PackageNotFoundError:
+        import safeft
+
+        return safeft.__version__
 
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
@@ -119,9 +176,9 @@ def cmd_list(ns: argparse.Namespace) -> int:
 
 
 def cmd_align(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)  # config errors first, before torch is imported
     from safeft.pipeline import run_align
 
-    cfg = _config(ns)
     spec = cfg.model.base or cfg.model.aligned
     info = run_align(cfg, spec)
     print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in info.items()}, indent=2))
@@ -130,18 +187,18 @@ def cmd_align(ns: argparse.Namespace) -> int:
 
 
 def cmd_prepare(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
     from safeft.pipeline import _jsonable, run_prepare
 
-    cfg = _config(ns)
     res = run_prepare(cfg, share_from=ns.share_from, export_to=ns.export, push_to=ns.push_to)
     print(json.dumps(_jsonable(res), indent=2))
     return 0
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
     from safeft.pipeline import run_eval, run_train
 
-    cfg = _config(ns)
     rec = run_train(cfg, keep_model=ns.eval)
     print(f"trained {rec['global_steps']} steps in {rec['train_seconds']:.1f}s; final loss {rec['train_loss']:.4f}; "
           f"saved {rec['final_dir']}")
@@ -175,14 +232,11 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2))
         print(f"keyword judge accuracy on {res['n']} human-labelled responses ({res['source']}): {res['accuracy']:.1%}")
         return 0
-    from safeft.pipeline import load_trained, run_eval
-
     cfg = _config(ns)
-    model = tok = None
-    if ns.run_dir:
-        model, tok = load_trained(cfg, ns.run_dir)
+    from safeft.pipeline import run_eval
+
     out = ns.out or (str(Path(ns.run_dir) / "eval.json") if ns.run_dir else None)
-    report = run_eval(cfg, model, tok, out_path=out)
+    report = run_eval(cfg, out_path=out, run_dir=ns.run_dir)
     _print_report(report)
     if out:
         print(f"evaluation written to {out}")
@@ -297,20 +351,21 @@ def _add_estimate_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safeft", description="Fine-tune an aligned LLM without losing its safety.")
+    p.add_argument("--version", action="version", version=f"safeft {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("list", help="defenses, built-in models, tasks and judges")
     s.set_defaults(func=cmd_list)
 
     s = sub.add_parser("align", help="alignment stage: safety SFT of a model that refuses too little (cached)")
-    _add_config_flags(s)
+    _add_config_flags(s, "align")
     s.set_defaults(func=cmd_align)
 
     s = sub.add_parser("prepare", help="compute a defense's artifacts for θ₀ (cached, keyed by its weights)",
                        description="Compute (or load from the cache) a defense's artifacts for θ₀. Shareable "
                        "artifacts (docs/artifacts.md): --from loads a shared folder or Hub repo instead of "
                        "computing, --export writes one, --push-to uploads one to the Hub.")
-    _add_config_flags(s)
+    _add_config_flags(s, "prepare")
     g = s.add_argument_group("shareable artifacts (docs/artifacts.md)")
     g.add_argument("--from", dest="share_from", metavar="DIR|REPO",
                    help="load a shared artifact folder (local, works offline) or Hub repo id instead of computing; "
@@ -322,12 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("train", help="fine-tune θ₀ on the (poisoned) task data under a defense")
-    _add_config_flags(s)
+    _add_config_flags(s, "train")
     s.add_argument("--eval", action="store_true", help="evaluate the trained model afterwards (eval.json)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="harmful score, fine-tune accuracy, over-refusal of θ₀ or a trained run")
-    _add_config_flags(s)
+    _add_config_flags(s, "eval")
     s.add_argument("--run-dir", help="a training output dir (θ₀ + its final adapter); default: evaluate θ₀")
     s.add_argument("--out", help="where to write the JSON report")
     s.add_argument("--judge-check", action="store_true",

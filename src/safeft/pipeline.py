@@ -332,9 +332,10 @@ def run_prepare(cfg: RunConfig, log: Any = print, *, share_from: str | None = No
 
     defenses = build_defenses(cfg.defense.name, cfg.defense.options)
     _check_defense_needs(cfg, defenses)
+    # data first: a bad file is reported before any model is converted or loaded
+    splits = build_splits(cfg)  # the poison pool too: anchors are kept disjoint from it (same artifacts as train)
     aligned_dir = resolve(cfg, cfg.model.aligned, log=log)
     base_dir = resolve(cfg, cfg.model.base, log=log) if cfg.model.base else None
-    splits = build_splits(cfg)  # the poison pool too: anchors are kept disjoint from it (same artifacts as train)
     model, tokenizer, _ = load_model(str(aligned_dir), dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir,
                                      trust_remote_code=cfg.model.trust_remote_code)
     fp = fingerprint(aligned_dir)
@@ -393,10 +394,11 @@ def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> 
     out_dir = Path(cfg.training.output_dir)
     defenses = build_defenses(cfg.defense.name, cfg.defense.options)
     _check_defense_needs(cfg, defenses)
-    aligned_dir = resolve(cfg, cfg.model.aligned, log=log)
-    base_dir = resolve(cfg, cfg.model.base, log=log) if cfg.model.base else None
+    # config and data files are checked before any model is converted or loaded (minutes for a large GGUF)
     splits = build_splits(cfg)
     examples = build_task_data(cfg, splits)
+    aligned_dir = resolve(cfg, cfg.model.aligned, log=log)
+    base_dir = resolve(cfg, cfg.model.base, log=log) if cfg.model.base else None
 
     torch.manual_seed(cfg.training.seed)
     model, tokenizer, _ = load_model(str(aligned_dir), dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir,
@@ -544,15 +546,15 @@ def load_trained(cfg: RunConfig, run_dir: str | Path):
 
 
 def run_eval(cfg: RunConfig, model=None, tokenizer=None, splits: Splits | None = None,
-             out_path: str | Path | None = None) -> dict[str, Any]:
-    """Harmful score on held-out harmful prompts, fine-tune accuracy on the task's held-out split, over-refusal."""
+             out_path: str | Path | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Harmful score on held-out harmful prompts, fine-tune accuracy on the task's held-out split, over-refusal.
+
+    Evaluates ``model`` when given, else the trained run in ``run_dir`` (:func:`load_trained`), else θ₀. The
+    prompt files and the judge are read before any model is loaded."""
     from safeft.data import load_demo, load_task
     from safeft.eval import evaluate_model, get_judge
     from safeft.models import load_model
 
-    if model is None:
-        model, tokenizer, _ = load_model(str(resolve(cfg, cfg.model.aligned)), dtype=cfg.model.dtype,
-                                         cache_dir=cfg.model.cache_dir, trust_remote_code=cfg.model.trust_remote_code)
     splits = splits or build_splits(cfg, need_poison=False)
     harmful = _subsample(splits.eval_harmful, cfg.eval.n_harmful, cfg.eval.seed)
     if cfg.data.task == "demo":
@@ -564,8 +566,14 @@ def run_eval(cfg: RunConfig, model=None, tokenizer=None, splits: Splits | None =
         task_name = cfg.data.task
     task_examples = _subsample(task_examples, cfg.eval.n_task, cfg.eval.seed)
     xs = _subsample(splits.xstest_safe, cfg.eval.n_xstest, cfg.eval.seed) if cfg.eval.n_xstest else None
+    judge = get_judge(cfg.eval.judge)
+    if model is None and run_dir is not None:
+        model, tokenizer = load_trained(cfg, run_dir)
+    elif model is None:
+        model, tokenizer, _ = load_model(str(resolve(cfg, cfg.model.aligned)), dtype=cfg.model.dtype,
+                                         cache_dir=cfg.model.cache_dir, trust_remote_code=cfg.model.trust_remote_code)
     report = evaluate_model(
-        model, tokenizer, harmful_prompts=harmful, judge=get_judge(cfg.eval.judge), task=task_name,
+        model, tokenizer, harmful_prompts=harmful, judge=judge, task=task_name,
         task_examples=task_examples or None, xstest_prompts=xs, template=cfg.data.template,
         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
     )
