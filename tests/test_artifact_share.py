@@ -273,7 +273,7 @@ def test_push_without_network_is_one_line_and_keeps_the_folder(
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     cache = tmp_path / "cache"
     rc = main(["prepare", "--config", str(shared.folder / "config.yaml"), "--model", str(shared.model_dir),
-               "--set", f"model.cache_dir={cache}", "--output-dir", str(tmp_path / "run"),
+               "--set", f"model.cache_dir={cache}", "--set", f"training.output_dir={tmp_path / 'run'}",
                "--from", str(shared.folder), "--push-to", "me/safeft-artifacts"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2

@@ -292,12 +292,12 @@ def test_hooks_per_optimizer_step_and_sharding_refusal_as_in_safetrainer(tmp_pat
         "step",
         "step",
     ]  # once per optimizer step, not per micro-batch
-    # the refusal SafeTrainer gives before the first step, under FSDP2 as accelerate reports it
+    # the refusal SafeTrainer gives before the first step, under FSDP version 1 as accelerate reports it
     tr = _trainer(tmp_path / "b", defense=CWAC())
     monkeypatch.setattr(tr, "is_fsdp_enabled", True)
-    monkeypatch.setattr(tr.accelerator.state, "fsdp_plugin", SimpleNamespace(fsdp_version=2), raising=False)
+    monkeypatch.setattr(tr.accelerator.state, "fsdp_plugin", SimpleNamespace(fsdp_version=1), raising=False)
     with pytest.raises(
-        SafeFTError, match="defense 'cwac' does not run under FSDP2: its hooks need whole parameter"
+        SafeFTError, match=r"defense 'cwac' does not run under FSDP \(version 1\): FSDP version 1 flattens"
     ):
         tr.train()
     assert tr.state.global_step == 0
