@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from safeft.components.sae import BUFFER_BYTES, rows_within
+
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_cwac_memory_worker.py"
 D = 8192
@@ -33,7 +35,6 @@ MIB = 2**20
 # Allocator and interpreter slack: freed blocks below glibc's mmap threshold (≤ 32 MiB) stay resident, the
 # Python heap, tokenizer and safetensors' mmapped shard pages. Stated, not fitted: the terms below are exact counts.
 MARGIN = 256 * MIB
-SHUFFLE_BUFFER_ROWS = 262144  # safeft.components.sae.StoreRows' default buffer_rows
 GRAM_CHUNK = 2048  # safeft.components.projection.basis_from_rows' default chunk
 
 
@@ -58,7 +59,7 @@ def sae_training_bytes(r: dict) -> int:
     batch's activations (16 float32 [B, d_in + d_sae] tensors: pre-activations, ReLU, TopK, codes, AuxK, grads)."""
     d, w, b = r["d"], r["d_sae"], r["sae_batch"]
     weights = 10 * 4 * d * w
-    shuffle = 3 * 4 * min(r["sae_rows"], SHUFFLE_BUFFER_ROWS) * d
+    shuffle = 3 * 4 * min(r["sae_rows"], rows_within(BUFFER_BYTES, d, 262144)) * d
     batch = 16 * 4 * b * (d + w)
     return weights + shuffle + batch
 

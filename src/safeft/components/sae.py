@@ -181,13 +181,26 @@ class TensorRows:
         return self.x_train[:n]
 
 
+# Host memory for streamed rows is bounded in bytes, not rows: up to d = 1024 these are 262,144 and 65,536 fp32 rows
+# (the sizes every SAE so far was trained with); above, fewer rows (d = 8192: 32,768 and 8,192), so the shuffle buffer
+# (held about three times while shuffling) stays near 3 GiB whatever the model's width.
+BUFFER_BYTES = 1 << 30
+CHUNK_BYTES = 1 << 28
+
+
+def rows_within(nbytes: int, d: int, most: int, least: int = 1024) -> int:
+    """How many fp32 rows of width ``d`` fit in ``nbytes``, between ``least`` and ``most``."""
+    return max(least, min(int(most), int(nbytes) // (4 * max(1, int(d)))))
+
+
 class StoreRows:
     """A :class:`RowSource` over one layer of an on-disk activation store (``ShardReader``): rows are streamed,
     never all loaded. The tail of the stream (``heldout_fraction`` of the rows, whole documents in shuffled
     document order, so a random sample of documents) is held out."""
 
-    def __init__(self, reader: Any, layer: int, heldout_fraction: float = 0.05, buffer_rows: int = 262144):
-        self.reader, self.layer, self.buffer_rows = reader, int(layer), int(buffer_rows)
+    def __init__(self, reader: Any, layer: int, heldout_fraction: float = 0.05, buffer_rows: int | None = None):
+        self.reader, self.layer = reader, int(layer)
+        self.buffer_rows = int(buffer_rows) if buffer_rows else rows_within(BUFFER_BYTES, reader.d, 262144)
         n = reader.n_rows
         n_held = min(n - 1, max(1, round(heldout_fraction * n))) if n >= 2 and heldout_fraction > 0 else 0
         self.d, self.n_train, self.n_heldout = reader.d, n - n_held, n_held
@@ -195,7 +208,8 @@ class StoreRows:
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
         return self.reader.batches(self.layer, self.n_train, batch_size, generator, self.buffer_rows)
 
-    def heldout_chunks(self, chunk: int = 65536) -> Iterator[torch.Tensor]:
+    def heldout_chunks(self, chunk: int | None = None) -> Iterator[torch.Tensor]:
+        chunk = chunk or rows_within(CHUNK_BYTES, self.d, 65536)
         return self.reader.iter_range(self.layer, self.n_train, self.n_train + self.n_heldout, chunk)
 
     def head(self, n: int) -> torch.Tensor:
@@ -306,7 +320,7 @@ def train_sae(
     sae.reset_parameters(torch.Generator().manual_seed(int(seed)))
     sae.to(dev)
     with torch.no_grad():
-        head = src.head(65536).to(dev).float()
+        head = src.head(rows_within(CHUNK_BYTES, d_in, 65536)).to(dev).float()
         scale = 1.0 / float(head.norm(dim=-1).mean().clamp_min(1e-12)) if normalize else 1.0
         sae.input_scale.fill_(scale)
         sae.b_dec.copy_(head.mean(0) * scale)
@@ -347,7 +361,7 @@ def train_sae(
                 bar.set_postfix(last)
     bar.close()
     sae.eval()
-    stats = sae_stats(sae, src.heldout_chunks()) if src.n_heldout else sae_stats(sae, src.head(65536))
+    stats = sae_stats(sae, src.heldout_chunks()) if src.n_heldout else sae_stats(sae, src.head(rows_within(CHUNK_BYTES, d_in, 65536)))
     stats.update(
         {
             "train_dead_fraction": float((since >= window).float().mean()),
