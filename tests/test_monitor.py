@@ -83,7 +83,7 @@ class _Rows(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-def _trainer(out, cls=Trainer, method="lora", max_steps=4, callbacks=None, **kw):
+def _trainer(out, cls=Trainer, method="lora", max_steps=4, callbacks=None, save_steps=None, **kw):
     tok = make_tiny_tokenizer()
     model = setup_trainable(make_tiny_model(seed=0), method=method, lora_r=4, lora_alpha=8)
     words = ["the movie was great", "the movie was bad and boring", "what is the capital of france"]
@@ -99,7 +99,8 @@ def _trainer(out, cls=Trainer, method="lora", max_steps=4, callbacks=None, **kw)
         learning_rate=1e-2,
         max_steps=max_steps,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
         report_to=[],
         remove_unused_columns=False,
         use_cpu=True,
@@ -256,6 +257,24 @@ def test_trl_sft_trainer(tmp_path):
     assert [r["step"] for r in _safety_rows(tr)] == [0, 1, 2]
     assert len([h for h in tr.state.log_history if "loss" in h]) == 2
     assert (tmp_path / "last_safe" / "model.safetensors").is_file()
+
+
+def test_resume_keeps_history_and_baseline(tmp_path):
+    first = _trainer(tmp_path, max_steps=2, save_steps=2)
+    _monitor(every=2, judge=ScriptJudge(safe_calls=10)).attach(first)
+    first.train()
+    assert (tmp_path / "checkpoint-2").is_dir()
+    # the resumed run: the judge now finds everything harmful; the baseline stays the first run's step 0
+    second = _trainer(tmp_path, max_steps=4, save_steps=2)
+    mon = _monitor(every=2, judge=ScriptJudge(safe_calls=0), max_harmful_rate=None).attach(second)
+    second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert [r["step"] for r in mon.history] == [0, 2, 4] and mon.baseline["step"] == 0
+    assert mon.history[-1]["breaches"] and "above the step-0 baseline" in mon.history[-1]["breaches"][0]
+    # log_history comes back from the checkpoint: one row per check, none repeated at the resumed step
+    assert [r["step"] for r in _safety_rows(second)] == [0, 2, 4]
+    hist = json.loads((tmp_path / "monitor.json").read_text())
+    assert [c["step"] for c in hist["checks"]] == [0, 2, 4] and set(hist["answers"]) == {"0", "2", "4"}
+    assert hist["last_safe"]["step"] == 2  # from the first run; step 4 breached
 
 
 def test_breach_before_training_with_stop_is_an_error(tmp_path):
