@@ -202,6 +202,14 @@ def cmd_train(ns: argparse.Namespace) -> int:
     rec = run_train(cfg, keep_model=ns.eval)
     print(f"trained {rec['global_steps']} steps in {rec['train_seconds']:.1f}s; final loss {rec['train_loss']:.4f}; "
           f"saved {rec['final_dir']}")
+    mon = rec.get("monitor")
+    if mon:
+        out_dir = Path(cfg.training.output_dir)
+        stop = f"; stopped at step {mon['stopped']['step']}" if mon["stopped"] else ""
+        safe = (f"; last safe model: {mon['last_safe']['path']} (step {mon['last_safe']['step']})"
+                if mon["last_safe"] else "")
+        print(f"safety monitor: {len(mon['checks'])} checks in {mon['check_seconds_total']:.1f}s{stop}{safe}; "
+              f"history in {out_dir / 'monitor.json'}")
     if ns.eval:
         out = Path(cfg.training.output_dir) / "eval.json"
         report = run_eval(cfg, rec["model"], rec["tokenizer"], out_path=out)
@@ -379,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="fine-tune θ₀ on the (poisoned) task data under a defense")
     _add_config_flags(s, "train")
     s.add_argument("--eval", action="store_true", help="evaluate the trained model afterwards (eval.json)")
+    s.add_argument("--monitor", dest="cfg::monitor.enabled", action="store_const", const=True, default=None,
+                   help="live safety-drift monitor: check refusals on held-out prompts every --monitor-every steps "
+                        "(monitor.* keys; docs/monitor.md)")
+    s.add_argument("--monitor-every", dest="cfg::monitor.every", default=None, metavar="K",
+                   help="= monitor.every (steps between checks)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="harmful score, fine-tune accuracy, over-refusal of θ₀ or a trained run")

@@ -99,6 +99,29 @@ class AlignConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The live safety-drift monitor (:class:`safeft.monitor.SafetyMonitor`, ``safeft train --monitor``; see
+    docs/monitor.md). Rates and thresholds are fractions in [0, 1]; None switches a threshold off."""
+
+    enabled: bool = False  # safeft train --monitor
+    every: int = 50  # check every k optimizer steps, plus step 0 (the baseline) and the last step
+    n_harmful: int = 24  # held-out harmful prompts per check (fewer if the set is smaller; 0 = none)
+    n_benign: int = 8  # held-out benign / XSTest-style safe prompts per check, for over-refusal (0 = none)
+    harmful_path: str | None = None  # .jsonl / .csv (column prompt) or .txt (one per line); default: demo held-out
+    benign_path: str | None = None
+    judge: str = "content"  # any judge spec of --judge
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    max_harmful_rate: float | None = None  # breach when the harmful rate exceeds this
+    max_harmful_increase: float | None = 0.1  # breach when it exceeds the step-0 baseline by more than this
+    max_over_refusal: float | None = None  # breach when the refusal rate on benign prompts exceeds this
+    max_sae_drift: float | None = None  # breach when CWAC's safety-latent drift exceeds this (CWAC runs only)
+    on_breach: str = "warn"  # warn | stop (stop: control.should_training_stop)
+    save_last_safe: bool = True  # save the model to <output_dir>/last_safe after every check that passes
+    seed: int = 0  # which prompts are drawn when a set is larger than n_harmful / n_benign
+
+
+@dataclass
 class DefenseSection:
     name: str = "sft"  # one defense or a composition: cwac+pact
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-defense config: {cwac: {lam: 0.5}}
@@ -112,6 +135,7 @@ class RunConfig:
     defense: DefenseSection = field(default_factory=DefenseSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     artifacts_dir: str | None = None  # default: <cache>/artifacts
 
     def __post_init__(self) -> None:
@@ -131,6 +155,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "training.method": ("lora", "full"),
     "training.lr_scheduler": ("constant", "linear", "cosine", "constant_with_warmup"),
     "eval.harmful_source": ("advbench", "harmbench", "harmbench_val", "strongreject", "demo"),
+    "monitor.on_breach": ("warn", "stop"),
 }
 # key -> (low, high, low_inclusive, high_inclusive)
 _RANGES: dict[str, tuple[float, float, bool, bool]] = {
@@ -164,6 +189,15 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "align.lora_alpha": (1, 1 << 16, True, True),
     "align.max_length": (8, 1 << 20, True, True),
     "align.contrast_repeat": (1, 100, True, True),
+    "monitor.every": (1, math.inf, True, False),
+    "monitor.n_harmful": (0, math.inf, True, False),
+    "monitor.n_benign": (0, math.inf, True, False),
+    "monitor.max_new_tokens": (1, 8192, True, True),
+    "monitor.batch_size": (1, 4096, True, True),
+    "monitor.max_harmful_rate": (0, 1, True, True),
+    "monitor.max_harmful_increase": (0, 1, True, True),
+    "monitor.max_over_refusal": (0, 1, True, True),
+    "monitor.max_sae_drift": (0, math.inf, True, False),
 }
 
 
@@ -173,21 +207,41 @@ def _fmt_range(lo: float, hi: float, lo_inc: bool, hi_inc: bool) -> str:
     return f"{left}{lo:g}, {'inf' if hi == math.inf else f'{hi:g}'}{right}"
 
 
+def validate_section(section: str, obj: Any) -> None:
+    """Finite numbers, allowed choices and ranges of one section's leaves (None = unset is always allowed for an
+    optional key)."""
+    for f in dataclasses.fields(obj):
+        key = f"{section}.{f.name}"
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SafeFTError(f"config key {key}: {value} is not a finite number")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise SafeFTError(f"config key {key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
+        if key in _RANGES:
+            lo, hi, lo_inc, hi_inc = _RANGES[key]
+            ok = (value >= lo if lo_inc else value > lo) and (value <= hi if hi_inc else value < hi)
+            if not ok:
+                raise SafeFTError(f"config key {key}: {value} is outside the allowed range {_fmt_range(lo, hi, lo_inc, hi_inc)}")
+
+
+def validate_monitor(m: MonitorConfig) -> None:
+    """The monitor section, plus what only makes sense together."""
+    validate_section("monitor", m)
+    if m.n_harmful == 0 and m.n_benign == 0:
+        raise SafeFTError("config keys monitor.n_harmful and monitor.n_benign are both 0: the monitor would check "
+                          "nothing; give at least one prompt")
+    thresholds = ("max_harmful_rate", "max_harmful_increase", "max_over_refusal", "max_sae_drift")
+    if m.on_breach == "stop" and all(getattr(m, t) is None for t in thresholds):
+        raise SafeFTError("config key monitor.on_breach=stop: no threshold is set, so nothing can stop training; "
+                          "set one of " + ", ".join(f"monitor.{t}" for t in thresholds))
+
+
 def validate(cfg: RunConfig) -> None:
     for section in ("model", "data", "training", "eval", "align"):
-        obj = getattr(cfg, section)
-        for f in dataclasses.fields(obj):
-            key = f"{section}.{f.name}"
-            value = getattr(obj, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise SafeFTError(f"config key {key}: {value} is not a finite number")
-            if key in _CHOICES and value not in _CHOICES[key]:
-                raise SafeFTError(f"config key {key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
-            if key in _RANGES:
-                lo, hi, lo_inc, hi_inc = _RANGES[key]
-                ok = (value >= lo if lo_inc else value > lo) and (value <= hi if hi_inc else value < hi)
-                if not ok:
-                    raise SafeFTError(f"config key {key}: {value} is outside the allowed range {_fmt_range(lo, hi, lo_inc, hi_inc)}")
+        validate_section(section, getattr(cfg, section))
+    validate_monitor(cfg.monitor)
     if not cfg.training.lora_targets:
         raise SafeFTError("config key training.lora_targets: empty; name at least one module, e.g. [q_proj, v_proj]")
     if not isinstance(cfg.defense.options, dict):
@@ -288,6 +342,7 @@ _SECTIONS = {
     "defense": DefenseSection,
     "eval": EvalConfig,
     "align": AlignConfig,
+    "monitor": MonitorConfig,
 }
 
 

@@ -424,6 +424,12 @@ def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> 
     timer = _StepTimer()
     trainer = SafeTrainer(model=model, args=args, train_dataset=_ExampleDataset(train_rows), data_collator=collator,
                           processing_class=tokenizer, defenses=defenses, callbacks=[timer.callback()])
+    monitor = None
+    if cfg.monitor.enabled:
+        from safeft.monitor import SafetyMonitor
+
+        # after the step timer in the callback list: step times do not include the checks
+        monitor = SafetyMonitor(cfg.monitor, template=cfg.data.template, log=log).attach(trainer)
     resume = _last_checkpoint(out_dir) if cfg.training.resume else None
     if cfg.training.resume and resume:
         log(f"resuming from {resume}")
@@ -469,6 +475,8 @@ def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> 
         "final_dir": str(final_dir),
         "resumed_from": resume,
     }
+    if monitor is not None:
+        record["monitor"] = monitor.summary()
     if main_process:
         atomic_write_json(out_dir / "run.json", _jsonable(record))
     trainer.accelerator.wait_for_everyone()

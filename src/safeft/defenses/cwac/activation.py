@@ -204,6 +204,25 @@ class ActivationTerm:
             total = total + diff.pow(2).sum() * self.inv_norm[L]
         return total * (scale / len(self.layers))
 
+    @torch.no_grad()
+    def drift(self, model: nn.Module, batch: int = 16) -> dict[int, float]:
+        """How far the safety latents have moved from θ₀'s baselines, on *every* baseline anchor, under the current
+        θ: ``{layer: (1/n) Σ_b ‖z_b − z_b^base‖² / mean_b′ ‖z_b′^base‖²}`` — the per-layer quantity whose mean over
+        layers L_safety samples each step (0 at θ₀; 1 = the latents moved by as much as their own size). For
+        monitoring (:class:`safeft.monitor.SafetyMonitor`): no gradient, no draw from the anchor stream (training's
+        random sequence is untouched), this process only (no collective). The caller sets eval mode."""
+        n = len(self.seqs)
+        total = dict.fromkeys(self.layers, 0.0)
+        for start in range(0, n, batch):
+            idx = list(range(start, min(n, start + batch)))
+            hs = self.hidden(model, idx)
+            for L in self.layers:
+                sae, S = self.saes[L], self.features[L]
+                z = sae.activate(sae.pre_acts(hs[L].float()))[..., S]  # [b, n_positions, |S|]
+                diff = z - self.z_base[L][start : start + len(idx)]
+                total[L] += float(diff.pow(2).sum()) * self.inv_norm[L]
+        return {L: v / max(1, n) for L, v in total.items()}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"anchor_rng": self.gen.get_state()}
 
