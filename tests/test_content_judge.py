@@ -66,7 +66,7 @@ def _mini_sources(root: Path) -> tuple[Path, Path]:
 
 
 def test_build_is_deterministic_and_loadable(tmp_path):
-    from safeft.eval.judges.content import ContentJudge
+    from safeft.eval.judges.content import HEAD_VERSION, ContentJudge
     from safeft.judge.train import build
 
     shared, dev = _mini_sources(tmp_path)
@@ -83,7 +83,7 @@ def test_build_is_deterministic_and_loadable(tmp_path):
     judge = ContentJudge(weights=a)
     outs = judge.outcomes(["q"] * 3, [REFUSALS[0], HARMFUL[0], OTHER[1]])
     assert all(o in ("refusal", "harmful", "other") for o in outs) and len(outs) == 3
-    assert judge.name == "content:minilm-v1"
+    assert judge.name == f"content:minilm-{HEAD_VERSION}"
 
 
 def test_stale_or_missing_head_is_refused(tmp_path):

@@ -5,8 +5,10 @@
 ``cells/<model>/eval.json`` are the stored answers of one ``safeft demo`` run (seed 0; ``cells/summary.json``):
 θ₀ and seven fine-tuned models, 30 held-out demo harmful prompts and 12 safe contrast prompts each. ``blind.jsonl``
 holds the same 336 answers shuffled, with opaque ids and no model names; ``labels.csv`` is one labeller's reading of
-it by the rubric of SPEC §5 (``benchmarks/judge_dev/labellers/INSTRUCTIONS.md``), made before anyone looked at
-which model wrote which answer; ``key.csv`` maps ids back to models. The judges re-read the stored answers here
+it by the rubric of SPEC §5 (``benchmarks/judge_dev/labellers/INSTRUCTIONS.md``, with its round-5 clarification:
+generic filler steps are not content), made before anyone looked at which model wrote which answer;
+``labels_lenient.csv`` is an earlier labeller's reading, told to count any compliance-shaped step list as harmful
+(the boundary the clarification settled; kept to show how much HS depends on it); ``key.csv`` maps ids to models. The judges re-read the stored answers here
 (no model is run), so this checks a judge against human labels on answers it never trained on.
 """
 
@@ -41,6 +43,7 @@ def main() -> None:
 
     key = {r["id"]: r for r in csv.DictReader(open(HERE / "key.csv", encoding="utf-8"))}
     human = {r["id"]: r["outcome"] for r in csv.DictReader(open(HERE / "labels.csv", encoding="utf-8"))}
+    lenient = {r["id"]: r["outcome"] for r in csv.DictReader(open(HERE / "labels_lenient.csv", encoding="utf-8"))}
     blind = {json.loads(line)["id"]: json.loads(line) for line in open(HERE / "blind.jsonl", encoding="utf-8")}
     ids = sorted(key)
     judges = {"judge": get_judge(args.judge), "keyword": get_judge("keyword")}
@@ -60,8 +63,9 @@ def main() -> None:
         "run (seed 0, `cells/summary.json`), 30 held-out demo harmful prompts and 12 safe contrast prompts per model, "
         "labelled blind by reading (`labels.csv`).",
         "",
-        "| model | human HS % | human refusal % | judge HS % | judge refusal % | keyword HS % | over-refusal % human / judge |",
-        "|---|---|---|---|---|---|---|",
+        "| model | human HS % | human refusal % | human HS %, lenient | judge HS % | judge refusal % | keyword HS % "
+        "| over-refusal % human / judge |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in MODELS:
         h = [i for i in ids if key[i]["model"] == m and key[i]["prompt_kind"] == "harmful"]
@@ -69,7 +73,8 @@ def main() -> None:
         hh, jh, kh = [human[i] for i in h], [verdict["judge"][i] for i in h], [verdict["keyword"][i] for i in h]
         hs_, js_ = [human[i] for i in s], [verdict["judge"][i] for i in s]
         lines.append(
-            f"| {m} | {pct(hh, 'harmful'):.1f} | {pct(hh, 'refusal'):.1f} | {pct(jh, 'harmful'):.1f} | "
+            f"| {m} | {pct(hh, 'harmful'):.1f} | {pct(hh, 'refusal'):.1f} | {pct([lenient[i] for i in h], 'harmful'):.1f} "
+            f"| {pct(jh, 'harmful'):.1f} | "
             f"{pct(jh, 'refusal'):.1f} | {pct(kh, 'harmful'):.1f} | {pct(hs_, 'refusal'):.1f} / {pct(js_, 'refusal'):.1f} |"
         )
     lines += ["", "Agreement on the 240 answers to harmful prompts (balanced accuracy = mean of the two recalls):", ""]

@@ -11,7 +11,7 @@ The dev set had few such answers. This script makes more of them the way the rub
 * fine-tunes θ₀ (the demo's aligned SmolLM2-135M, cached) with the demo's settings under a few (defense, seed, p);
 * answers the demo's harmful prompts with bucket < 70 (the alignment and defense prompts; the demo's HS prompts are
   bucket ≥ 70 and are not used) and its safe contrast prompts with bucket < 70, greedy, 64 new tokens;
-* writes ``runs/demo-dev/cells/<cell>/eval.json`` in the shape ``collect.py`` reads.
+* writes ``round5/cells/<cell>/eval.json``; ``round5/build_labelled.py`` joins them with the labels.
 
 Models are written under ``runs/demo-dev/`` at the repository root (ignored by git); cells that exist are skipped.
 """
@@ -43,7 +43,7 @@ def main() -> None:
     safe = [p for p in demo.contrast_prompts if _bucket(p) < 70]
     for defense, seed, p in CELLS:
         cell = f"{defense}-p{p}-s{seed}"
-        out = HERE / "runs" / "demo-dev" / "cells" / cell / "eval.json"
+        out = HERE / "round5" / "cells" / cell / "eval.json"
         if out.is_file():
             print(f"{cell}: exists, skipped")
             continue

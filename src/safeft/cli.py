@@ -58,7 +58,7 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "prepare": ("model", "defense", "align", "artifacts_dir", *_SPLITS, "data.harmful_path", "data.template",
                 "data.max_length", "training.method", "training.lora_r", "training.lora_alpha",
                 "training.lora_targets", "training.seed"),
-    "train": ("model", "data", "training", "defense", "eval", "align", "artifacts_dir"),
+    "train": ("model", "data", "training", "defense", "eval", "align", "monitor", "artifacts_dir"),
     "eval": ("model.aligned", "model.dtype", "model.trust_remote_code", "model.cache_dir", "eval", "align",
              "data.task", "data.harmful_source", "data.template"),
 }
@@ -70,6 +70,7 @@ _GROUPS = {
     "defense": "which defense(s), their options (set defense.options.NAME.KEY) and their artifact cache",
     "eval": "harmful score, fine-tune accuracy and over-refusal",
     "align": "the alignment stage (safeft align, or a model given as aligned:<model>)",
+    "monitor": "the safety-drift monitor during training (--monitor; docs/monitor.md)",
 }
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from safeft.errors import SafeFTError
-from safeft.eval.judges.content import FORMAT_VERSION, ContentHead, decide
+from safeft.eval.judges.content import FORMAT_VERSION, HEAD_VERSION, ContentHead, decide
 from safeft.eval.judges.features import FEATURE_NAMES, feature_matrix
 from safeft.judge.labelled import SOURCES, Item, load_sources
 from safeft.judge.metrics import agreement
@@ -314,7 +314,7 @@ def build(out: str | Path | None = None, *, shared: Path | None = None, dev_dir:
     files = _data_files(shared, dev_dir, sources)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "name": f"minilm-{'lora' if d['kind'] == 'lora' else 'v1'}",
+        "name": f"minilm-{'lora' if d['kind'] == 'lora' else HEAD_VERSION}",
         **extra,
         "encoder": "all-MiniLM-L6-v2",
         "encoder_sha256": sha256_file(encoder.path / "model.safetensors"),

@@ -26,8 +26,11 @@ from safeft.eval.judges.base import Judge
 from safeft.eval.judges.features import FEATURE_NAMES, feature_matrix
 
 FORMAT_VERSION = 1
+# The shipped head (weights/content-<HEAD_VERSION>.safetensors): v1, built from dev rounds 1–4. A v2 trained with round
+# 5 as well (benchmarks/judge_dev/round5) was tried and not shipped: docs/judges.md.
+HEAD_VERSION = "v1"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_WEIGHTS = WEIGHTS_DIR / "content-v1.safetensors"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / f"content-{HEAD_VERSION}.safetensors"
 REBUILD_HINT = "rebuild it with `safeft judge --build` (from a clone of the safeft repository, with ../shared/data)"
 
 
