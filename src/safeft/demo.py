@@ -8,6 +8,7 @@ in — with plain SFT and with every defense — and prints harmful score (HS, l
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,47 @@ def _row(defense: str, report: dict[str, Any], train_seconds: float | None) -> d
     }
 
 
+def _config_key(cfg: dict) -> str:
+    """A run config as compared for reuse: an idle monitor changes nothing (runs made before it existed match)."""
+    cfg = dict(cfg)
+    if not (cfg.get("monitor") or {}).get("enabled"):
+        cfg.pop("monitor", None)
+    return json.dumps(cfg, sort_keys=True)
+
+
+def _cached(run_dir: Path, cfg: Any, aligned_dir: Path, judge_name: str) -> tuple[dict, float | None] | None:
+    """The finished run in ``run_dir`` when it was made with exactly this config and θ₀ (``run.json``) and judged
+    by ``judge_name`` (``eval.json``; answers judged by another judge are re-judged from the stored text), else
+    None. ``run.json`` is written after training and ``eval.json`` after evaluation, each atomically, so a run cut
+    short is never taken for a finished one."""
+    from safeft.pipeline import _jsonable
+
+    run_p, ev_p = run_dir / "run.json", run_dir / "eval.json"
+    if not ev_p.is_file():
+        return None
+    try:
+        report = json.loads(ev_p.read_text(encoding="utf-8"))
+        want_eval = json.dumps(_jsonable(cfg.to_dict()["eval"]), sort_keys=True)
+        if json.dumps(report.get("eval_config"), sort_keys=True) != want_eval:
+            return None
+        train_s = None
+        if run_p.is_file() or run_dir.name != "aligned":
+            run = json.loads(run_p.read_text(encoding="utf-8"))
+            same = _config_key(run.get("config") or {}) == _config_key(_jsonable(cfg.to_dict()))
+            if not same or run.get("aligned_model") != str(aligned_dir):
+                return None
+            train_s = run.get("train_seconds")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if (report.get("harmful") or {}).get("judge") != judge_name:
+        from safeft.eval import get_judge
+        from safeft.eval.rejudge import rejudge_report
+
+        report = rejudge_report(report, get_judge(cfg.eval.judge), str(ev_p))
+        atomic_write_json(ev_p, report)
+    return report, train_s
+
+
 def run_demo(
     out_dir: str = "runs/demo", defenses: str | None = None, fresh: bool = False, log: Any = print
 ) -> int:
@@ -124,7 +166,15 @@ def run_demo(
         f"[2/3] evaluating θ₀ on {min(cfg.eval.n_harmful, len(splits.eval_harmful))} held-out harmful prompts, "
         f"{cfg.eval.n_task} sentiment test sentences, {cfg.eval.n_xstest} safe contrast prompts"
     )
-    base_eval = run_eval(cfg, splits=splits, out_path=out / "aligned" / "eval.json")
+    from safeft.eval import get_judge
+
+    judge_name = get_judge(cfg.eval.judge).name
+    hit = None if fresh else _cached(out / "aligned", cfg, aligned_dir, judge_name)
+    if hit:
+        base_eval = hit[0]
+        log(f"      θ₀'s evaluation: cached in {out / 'aligned' / 'eval.json'} (--fresh reruns it)")
+    else:
+        base_eval = run_eval(cfg, splits=splits, out_path=out / "aligned" / "eval.json")
     rows = [_row("aligned", base_eval, None)]
     for i, name in enumerate(names, start=1):
         s = dict(settings)
@@ -133,6 +183,12 @@ def run_demo(
         if name in DEMO_DEFENSE_OPTIONS:
             s[f"defense.options.{name}"] = DEMO_DEFENSE_OPTIONS[name]
         c = build_config(None, s)
+        hit = None if fresh else _cached(out / name, c, aligned_dir, judge_name)
+        if hit:
+            rows.append(_row(name, hit[0], hit[1]))
+            log(f"[3/3] ({i}/{len(names)}) {name}: cached in {out / name} (--fresh reruns it)")
+            log(_table(rows[-1:]).splitlines()[-1])
+            continue
         log(f"[3/3] ({i}/{len(names)}) fine-tuning θ₀ with {name} on {c.data.n} samples, p = {c.data.p}")
         rec = run_train(c, keep_model=True, log=log)
         report = run_eval(c, rec["model"], rec["tokenizer"], splits=splits, out_path=out / name / "eval.json")
