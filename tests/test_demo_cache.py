@@ -35,14 +35,15 @@ def fake(monkeypatch, tmp_path):
     def run_eval(cfg, model=None, tokenizer=None, splits=None, out_path=None):
         calls["eval"] += 1
         rep = {**_report("keyword"), "eval_config": pipeline._jsonable(cfg.to_dict()["eval"])}
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(rep))
+        if out_path:
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(out_path).write_text(json.dumps(rep))
         return rep
 
     class Splits:
         eval_harmful = ["x"] * 30
 
-    monkeypatch.setattr(pipeline, "resolve", lambda cfg, spec, log=print: aligned)
+    monkeypatch.setattr(pipeline, "resolve", lambda cfg, spec, log=print: calls.get("theta0", aligned))
     monkeypatch.setattr(pipeline, "build_splits", lambda cfg, need_poison=True: Splits())
     monkeypatch.setattr(pipeline, "run_train", run_train)
     monkeypatch.setattr(pipeline, "run_eval", run_eval)
@@ -91,3 +92,15 @@ def test_answers_of_another_judge_are_rejudged_not_regenerated(fake, tmp_path):
     run_demo(str(out), defenses="sft", log=lambda *a: None)
     assert fake["train"] == 1
     assert json.loads(ev.read_text())["harmful"]["judge"] == "keyword"
+
+
+def test_another_theta0_reruns_every_row_including_its_own(fake, tmp_path):
+    from safeft.demo import run_demo
+
+    out = tmp_path / "demo"
+    run_demo(str(out), defenses="sft", log=lambda *a: None)
+    assert fake == {"train": 1, "eval": 2}
+    fake["theta0"] = tmp_path / "theta0-rebuilt"  # the alignment stage made another θ₀
+    run_demo(str(out), defenses="sft", log=lambda *a: None)
+    assert (fake["train"], fake["eval"]) == (2, 4)
+    assert json.loads((out / "aligned" / "eval.json").read_text())["aligned_model"].endswith("theta0-rebuilt")

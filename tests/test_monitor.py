@@ -331,7 +331,7 @@ def test_cwac_sae_drift_is_its_activation_term(tiny_tokenizer, tmp_path):
         ({"every": 0}, r"monitor\.every: 0 is outside"),
         ({"on_breach": "halt"}, r"monitor\.on_breach: 'halt' is not one of warn, stop"),
         ({"max_harmful_rate": 30}, r"monitor\.max_harmful_rate: 30.0 is outside the allowed range \[0, 1\]"),
-        ({"max_harmful_increase": None, "on_breach": "stop"}, r"no threshold is set"),
+        ({"max_harmful_increase": None, "max_refusal_drop": None, "on_breach": "stop"}, r"no threshold is set"),
         ({"n_harmful": 0, "n_benign": 0}, r"both 0"),
         ({"evry": 5}, r"unknown config key\(s\) monitor\.evry"),
         ({"every": "often"}, r"monitor\.every: expected an integer"),
@@ -481,3 +481,14 @@ def test_real_content_judge(tmp_path):
         for _, o in ans
     }
     assert outcomes <= {"refusal", "harmful", "other"}
+
+
+def test_refusal_drop_and_non_finite_values_breach():
+    from safeft.monitor import SafetyMonitor
+
+    m = SafetyMonitor(max_harmful_increase=None)  # max_refusal_drop on by default (0.3)
+    m.baseline = {"step": 0, "harmful_rate": 0.0, "refusal_rate": 0.8}
+    assert m.breaches({"step": 2, "harmful_rate": 0.0, "refusal_rate": 0.6}) == []
+    (msg,) = m.breaches({"step": 4, "harmful_rate": 0.0, "refusal_rate": 0.125})
+    assert msg.startswith("refusal rate 12.5% is 67.5% below the step-0 baseline 80.0%") and "\n" not in msg
+    assert any("not a number" in b for b in m.breaches({"step": 6, "refusal_rate": 0.8, "sae_drift": float("nan")}))

@@ -415,3 +415,30 @@ def test_missing_context_unsupported_defenses_and_missing_trl(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "trl", None)
     with pytest.raises(SafeFTError, match="needs TRL: pip install trl"):
         from safeft.trl import SafeSFTTrainer as _  # noqa: F401
+
+
+class _ConstTerm(Defense):
+    name = "const-test"
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def loss_terms(self, model, inputs, outputs):
+        self.calls += 1
+        return {"const/term": torch.tensor(100.0)}
+
+
+def test_evaluation_is_the_task_loss_alone(tmp_path):
+    """eval_dataset / evaluate(): no defense term in eval_loss, none drawn, none carried into the training log."""
+    tok = make_tiny_tokenizer()
+    d = _ConstTerm()
+    tr = SafeSFTTrainer(_lora_model(), args=_args(tmp_path / "e", max_steps=1), train_dataset=_dataset(),
+                        eval_dataset=_dataset(), processing_class=tok, defense=[d])  # fmt: skip
+    plain = SFTTrainer(_lora_model(), args=_args(tmp_path / "p", max_steps=1), train_dataset=_dataset(),
+                       eval_dataset=_dataset(), processing_class=tok)  # fmt: skip
+    got, want = tr.evaluate()["eval_loss"], plain.evaluate()["eval_loss"]
+    assert abs(got - want) < 1e-6, (got, want)
+    assert d.calls == 0 and not tr._term_counts
+    tr.train()
+    assert d.calls >= 1

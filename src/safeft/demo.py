@@ -123,6 +123,8 @@ def _cached(run_dir: Path, cfg: Any, aligned_dir: Path, judge_name: str) -> tupl
         if json.dumps(report.get("eval_config"), sort_keys=True) != want_eval:
             return None
         train_s = None
+        if run_dir.name == "aligned" and report.get("aligned_model") != str(aligned_dir):
+            return None  # θ₀'s row: its eval.json names the θ₀ folder it evaluated
         if run_p.is_file() or run_dir.name != "aligned":
             run = json.loads(run_p.read_text(encoding="utf-8"))
             same = _config_key(run.get("config") or {}) == _config_key(_jsonable(cfg.to_dict()))
@@ -174,7 +176,9 @@ def run_demo(
         base_eval = hit[0]
         log(f"      θ₀'s evaluation: cached in {out / 'aligned' / 'eval.json'} (--fresh reruns it)")
     else:
-        base_eval = run_eval(cfg, splits=splits, out_path=out / "aligned" / "eval.json")
+        base_eval = run_eval(cfg, splits=splits)
+        base_eval["aligned_model"] = str(aligned_dir)
+        atomic_write_json(out / "aligned" / "eval.json", base_eval)
     rows = [_row("aligned", base_eval, None)]
     for i, name in enumerate(names, start=1):
         s = dict(settings)

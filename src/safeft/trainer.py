@@ -91,6 +91,11 @@ class DefenseTrainerMixin:
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            # evaluation (eval_dataset, evaluate()): the task loss alone — no batch swap, no defense term, nothing
+            # drawn from a defense's training streams, nothing added to the training log
+            loss, outputs = self.task_loss(model, inputs, num_items_in_batch, return_outputs)
+            return (loss, outputs) if return_outputs else loss
         step = self.state.global_step
         orig = inputs
         for d in self.defenses:
