@@ -304,3 +304,33 @@ def test_hub_source_offline_is_one_line(tmp_path, monkeypatch):
     ) as e:
         load_shared("someone/artifacts", tmp_path / "store", "a" * 64, log=quiet)
     assert "\n" not in str(e.value)
+
+
+def test_malformed_index_fields_are_one_line_errors(shared, tmp_path):
+    import shutil
+
+    from safeft.errors import SafeFTError
+
+    for field, value, msg in (("format_version", "1.0", "format_version must be an integer"),
+                              ("artifacts", [], "artifacts must map"),
+                              ("files", {"a": 1}, "files must map")):  # fmt: skip
+        bad = tmp_path / f"bad-{field}"
+        shutil.copytree(shared.folder, bad)
+        index = json.loads((bad / INDEX).read_text())
+        index[field] = value
+        (bad / INDEX).write_text(json.dumps(index))
+        with pytest.raises(SafeFTError, match=msg) as e:
+            verify_shared(bad, shared.fp)
+        assert "\n" not in str(e.value)
+
+
+def test_local_paths_are_not_shared():
+    from safeft.config import build_config
+    from safeft.pipeline import share_settings
+
+    cfg = build_config(None, {"model.aligned": "/home/alice/private/theta0", "model.base": "smollm2-135m",
+                              "data.harmful_path": "/home/alice/secret/train.jsonl"})  # fmt: skip
+    d = share_settings(cfg)
+    assert "aligned" not in d["model"] and d["data"]["harmful_path"] is None
+    assert d["model"]["base"] == "smollm2-135m"  # a built-in alias stays
+    assert "alice" not in json.dumps(d)

@@ -361,7 +361,8 @@ def run_prepare(cfg: RunConfig, log: Any = print, *, share_from: str | None = No
         folder = Path(export_to) if export_to else artifacts_root(cfg) / f"{fp[:16]}-shared"
         names = [p.name for p in sess.used if p.parent == Path(ctx.artifacts_dir)]
         export_shared(ctx.artifacts_dir, fp, folder, names=names, settings=share_settings(cfg),
-                      model=cfg.model.aligned, defenses=[d.name for d in defenses])
+                      model=None if is_local_path(cfg.model.aligned) else cfg.model.aligned,
+                      defenses=[d.name for d in defenses])
         out["exported_to"] = str(folder)
         log(f"shared artifact folder written to {folder}")
         if push_to:
@@ -378,7 +379,24 @@ def share_settings(cfg: RunConfig) -> dict[str, Any]:
     d["model"].pop("cache_dir", None)
     for k in ("output_dir", "resume", "progress", "save_steps", "save_total_limit", "logging_steps"):
         d["training"].pop(k, None)
+    # a local path says who made the folder and where (user names, private data sets): it is not shared. Files
+    # become None (the built-in source of that key); a model folder is left out (the user passes --model; the
+    # fingerprint says which θ₀ the artifacts belong to). Hub ids and built-in aliases stay.
+    for section, key in (("model", "aligned"), ("model", "base"), ("data", "task_path"), ("data", "harmful_path"),
+                         ("eval", "harmful_path"), ("monitor", "harmful_path"), ("monitor", "benign_path")):
+        v = (d.get(section) or {}).get(key)
+        if isinstance(v, str) and is_local_path(v):
+            if section == "model":
+                d[section].pop(key)  # config.yaml stays a valid --config: the user's --model fills it
+            else:
+                d[section][key] = None
     return d
+
+
+def is_local_path(value: str) -> bool:
+    """Whether a model / data spec names a local file or folder (rather than a Hub id or a built-in alias)."""
+    v = value.split(":", 1)[1] if value.startswith("aligned:") else value
+    return v.startswith(("/", "./", "../", "~")) or Path(v).expanduser().exists() or "\\" in v
 
 
 def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> dict[str, Any]:

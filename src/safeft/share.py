@@ -236,7 +236,7 @@ def card(index: dict[str, Any]) -> str:
         "| | |",
         "|---|---|",
         f"| θ₀ fingerprint | `{fp}` |",
-        f"| θ₀ | `{index.get('model')}` |",
+        f"| θ₀ | `{index.get('model') or 'a local model (path not shared): see its fingerprint'}` |",
         f"| defenses | {defs} |",
         f"| artifacts | {len(index['artifacts'])}, {_size(total)} |",
         f"| created | {index.get('created')} by safeft {index.get('safeft_version')} |",
@@ -335,9 +335,19 @@ def verify_shared(folder: str | Path, fingerprint: str) -> dict[str, Any]:
             f"{folder}: not a shared artifact folder (no {INDEX}); export one with `safeft prepare --export`"
         )
     index = _read_json(ipath)
-    if index.get("format") != FORMAT or not isinstance(index.get("files"), dict):
-        raise SafeFTError(f"{ipath}: not a safeft artifact index (format {index.get('format')!r})")
-    if int(index.get("format_version", 0)) > FORMAT_VERSION:
+    if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("files"), dict):
+        got = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise SafeFTError(f"{ipath}: not a safeft artifact index (format {got!r})")
+    version, arts = index.get("format_version", 0), index.get("artifacts", {})
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SafeFTError(f"{ipath}: field format_version must be an integer, got {version!r}")
+    if not isinstance(arts, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("files", []), list) for e in arts.values()
+    ):
+        raise SafeFTError(f"{ipath}: field artifacts must map each name to {{files: [...]}}; refusing the folder")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in index["files"].items()):
+        raise SafeFTError(f"{ipath}: field files must map each path to its sha256; refusing the folder")
+    if version > FORMAT_VERSION:
         raise SafeFTError(
             f"{ipath}: format version {index['format_version']} is newer than this safeft reads "
             f"({FORMAT_VERSION}); upgrade safeft"
@@ -346,7 +356,7 @@ def verify_shared(folder: str | Path, fingerprint: str) -> dict[str, Any]:
     if theirs != fingerprint:
         raise SafeFTError(
             f"{folder} was made for another model: its θ₀ fingerprint is {theirs[:16]}, this model's is "
-            f"{fingerprint[:16]}; load it with the exact θ₀ it names ({index.get('model')}), or drop --from and "
+            f"{fingerprint[:16]}; load it with the exact θ₀ it was made for ({index.get('model') or 'fingerprint ' + theirs[:16]}), or drop --from and "
             f"compute the artifacts for this model"
         )
     root = folder.resolve()
@@ -365,7 +375,7 @@ def verify_shared(folder: str | Path, fingerprint: str) -> dict[str, Any]:
                 f"{p}: corrupted or modified (sha256 differs from {INDEX}); refusing the shared folder: get a "
                 f"fresh copy from its author"
             )
-    for name, entry in index.get("artifacts", {}).items():
+    for name, entry in arts.items():
         files = [str(f) for f in entry.get("files", [])]
         if not _NAME.fullmatch(name) or not all(
             _NAME.fullmatch(f) and f.endswith(".safetensors") for f in files
@@ -380,6 +390,8 @@ def verify_shared(folder: str | Path, fingerprint: str) -> dict[str, Any]:
             )
         m = _read_json(folder / mrel)
         files = m.get("files", {})
+        if not isinstance(files, dict):
+            raise SafeFTError(f"{folder / mrel}: field files must map each file to its sha256; refusing it")
         if (
             m.get("fingerprint") != fingerprint
             or sorted(files) != sorted(entry.get("files", []))
@@ -433,7 +445,7 @@ def push_shared(folder: str | Path, repo: str) -> str:
         from huggingface_hub import HfApi
 
         api = HfApi()
-        api.create_repo(repo_id=repo, exist_ok=True)
+        api.create_repo(repo_id=repo, exist_ok=True, private=True)  # private until its owner publishes it
         api.upload_folder(
             folder_path=str(folder), repo_id=repo, commit_message=f"safeft artifacts for θ₀ {_fp_of(folder)}"
         )
