@@ -142,6 +142,8 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     for item in ns.set:
         k, v = parse_override(item)
         out[k] = v
+    if "monitor.every" in out and "monitor.enabled" not in out:
+        out["monitor.enabled"] = True  # --monitor-every K alone means: monitor, every K steps
     return out
 
 

@@ -219,7 +219,12 @@ class DefenseTrainerMixin:
             from transformers.trainer_utils import get_last_checkpoint
 
             last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-            resume_from_checkpoint = last or resume_from_checkpoint
+            if last is None:
+                raise SafeFTError(
+                    f"resume_from_checkpoint=True: {self.args.output_dir} holds no checkpoint-* folder to resume "
+                    "from; pass a checkpoint path, or start without resuming"
+                )
+            resume_from_checkpoint = last
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             self.load_defense_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
