@@ -492,3 +492,19 @@ def test_refusal_drop_and_non_finite_values_breach():
     (msg,) = m.breaches({"step": 4, "harmful_rate": 0.0, "refusal_rate": 0.125})
     assert msg.startswith("refusal rate 12.5% is 67.5% below the step-0 baseline 80.0%") and "\n" not in msg
     assert any("not a number" in b for b in m.breaches({"step": 6, "refusal_rate": 0.8, "sae_drift": float("nan")}))
+
+
+def test_a_failed_last_safe_save_warns_and_training_goes_on(tmp_path, monkeypatch):
+    """Rank 0 must not die on an I/O error while saving (under DDP the other ranks would wait for it)."""
+    lines = []
+    tr = _trainer(tmp_path, max_steps=4)
+    mon = _monitor(lines, every=2)
+
+    def disk_full(model, rec):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mon, "_save_last_safe", disk_full)
+    mon.attach(tr)
+    tr.train()
+    assert tr.state.global_step == 4 and mon.last_safe is None
+    assert any("could not save last_safe (OSError" in x and "\n" not in x for x in lines)

@@ -448,8 +448,14 @@ class SafetyMonitor(TrainerCallback):
         self._last_step = rec["step"]
         if main and rec["action"] == "pass" and self.config.save_last_safe:
             ts = time.perf_counter()
-            path = self._save_last_safe(model, rec)
-            self.last_safe = {"step": rec["step"], "path": str(path)}
+            try:
+                path = self._save_last_safe(model, rec)
+                self.last_safe = {"step": rec["step"], "path": str(path)}
+            except Exception as e:  # noqa: BLE001 - rank 0 must not die here: the other ranks would wait for it
+                rec["save_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+                self.log(f"safety monitor WARNING at step {rec['step']}: could not save last_safe "
+                         f"({rec['save_error']}); training goes on, the last safe copy stays "
+                         f"{'at step ' + str(self.last_safe['step']) if self.last_safe else 'unsaved'}")
             rec["seconds"]["save"] = round(time.perf_counter() - ts, 3)
         rec["seconds"]["total"] = round(time.perf_counter() - t0, 3)
         self._report(rec, state, control)
@@ -467,7 +473,10 @@ class SafetyMonitor(TrainerCallback):
                     )
                     self.log(f"safety monitor: stopping training (on_breach=stop); last safe model: {where}")
         if main:
-            self._write_history()
+            try:
+                self._write_history()
+            except OSError as e:  # the same reason: a full disk must not leave the other ranks waiting
+                self.log(f"safety monitor WARNING at step {rec['step']}: could not write {MONITOR_FILE} ({e})")
         return rec
 
     # ---- outputs -------------------------------------------------------------------------------------------------
