@@ -241,6 +241,15 @@ def validate_monitor(m: MonitorConfig) -> None:
                           "set one of " + ", ".join(f"monitor.{t}" for t in thresholds))
 
 
+def without_idle_monitor(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A run config dict as compared for reuse (benchmark cell hashes, demo runs): an idle monitor changes no result,
+    so its section is left out, and runs made before it existed still match. Returns a shallow copy."""
+    cfg = dict(cfg)
+    if not (cfg.get("monitor") or {}).get("enabled"):
+        cfg.pop("monitor", None)
+    return cfg
+
+
 def validate(cfg: RunConfig) -> None:
     for section in ("model", "data", "training", "eval", "align"):
         validate_section(section, getattr(cfg, section))

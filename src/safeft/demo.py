@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from safeft.config import build_config
+from safeft.config import build_config, without_idle_monitor
 from safeft.errors import SafeFTError
 from safeft.io import atomic_write_json
 
@@ -99,14 +99,6 @@ def _row(defense: str, report: dict[str, Any], train_seconds: float | None) -> d
     }
 
 
-def _config_key(cfg: dict) -> str:
-    """A run config as compared for reuse: an idle monitor changes nothing (runs made before it existed match)."""
-    cfg = dict(cfg)
-    if not (cfg.get("monitor") or {}).get("enabled"):
-        cfg.pop("monitor", None)
-    return json.dumps(cfg, sort_keys=True)
-
-
 def _cached(run_dir: Path, cfg: Any, aligned_dir: Path, judge_name: str) -> tuple[dict, float | None] | None:
     """The finished run in ``run_dir`` when it was made with exactly this config and θ₀ (``run.json``) and judged
     by ``judge_name`` (``eval.json``; answers judged by another judge are re-judged from the stored text), else
@@ -127,7 +119,8 @@ def _cached(run_dir: Path, cfg: Any, aligned_dir: Path, judge_name: str) -> tupl
             return None  # θ₀'s row: its eval.json names the θ₀ folder it evaluated
         if run_p.is_file() or run_dir.name != "aligned":
             run = json.loads(run_p.read_text(encoding="utf-8"))
-            same = _config_key(run.get("config") or {}) == _config_key(_jsonable(cfg.to_dict()))
+            have, want = (without_idle_monitor(c) for c in (run.get("config") or {}, _jsonable(cfg.to_dict())))
+            same = json.dumps(have, sort_keys=True) == json.dumps(want, sort_keys=True)
             if not same or run.get("aligned_model") != str(aligned_dir):
                 return None
             train_s = run.get("train_seconds")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safeft.config import without_idle_monitor
 from safeft.errors import SafeFTError
 
 PRESET_KEYS = {
@@ -327,9 +328,7 @@ def config_hash(cell: Cell, cfg: dict[str, Any]) -> str:
     cfg = json.loads(json.dumps(cfg))
     for sec, key in _UNHASHED:
         cfg.get(sec, {}).pop(key, None)
-    # an idle monitor changes nothing (and cells cached before it existed keep their hash)
-    if not cfg.get("monitor", {}).get("enabled"):
-        cfg.pop("monitor", None)
+    cfg = without_idle_monitor(cfg)
     if cell.kind == "eval":
         data = {k: v for k, v in cfg["data"].items() if k not in ("n", "p", "seed")}
         cfg = {"model": cfg["model"], "eval": cfg["eval"], "align": cfg["align"], "data": data}

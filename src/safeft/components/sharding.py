@@ -33,6 +33,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from safeft.components.projection import _work_dtype
 from safeft.errors import SafeFTError
 
 __all__ = [
@@ -140,10 +141,6 @@ def distribute_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the row-separable projections, in place --------------------------------------------------------------------
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 @torch.no_grad()
 def project_rows_out_(A: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """In place: ``A ← A − (A V) Vᵀ`` on the rows this rank holds. Returns ``A``.
