@@ -12,29 +12,16 @@ updates agree up to float summation order. Tolerance: atol 1e-5 on every trainab
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+from helpers_dist import gloo, torchrun
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_ddp_worker.py"
 ATOL = 1e-5
 
-gloo = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="torch.distributed with the gloo backend is unavailable",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @gloo
@@ -43,26 +30,7 @@ def test_ddp_two_processes_equal_one_process_with_same_global_batch(tmp_path):
 
     ddp_out = tmp_path / "ddp"
     ddp_out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    env.pop("RANK", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(WORKER),
-        str(ddp_out),
-        "--batch",
-        "2",
-        "--steps",
-        "4",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = torchrun([str(WORKER), str(ddp_out), "--batch", "2", "--steps", "4"], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # every rank ended with rank 0's parameters, bit for bit (after_step ran on every rank)
@@ -121,18 +89,8 @@ def test_cli_under_torchrun_with_lisa_matches_one_process(tmp_path):
     for k, v in sets.items():
         if k != "defense.options":
             flags += ["--set", f"{k}={v}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     # torchrun abbreviates its own options: pass safeft's as --set key=value (e.g. --n would be taken as --nnodes)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
+    args = [
         "-m",
         "safeft.cli",
         "train",
@@ -150,7 +108,7 @@ def test_cli_under_torchrun_with_lisa_matches_one_process(tmp_path):
         str(tmp_path / "ddp"),
         *flags,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = torchrun(args, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert run["global_steps"] == 4

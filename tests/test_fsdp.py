@@ -17,61 +17,22 @@ for asft at lr 1e-2, ≤ 1e-6 elsewhere).
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
+from helpers_dist import gloo, torchrun
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_fsdp_worker.py"
 ATOL = 1e-5
 
-gloo = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="torch.distributed with the gloo backend is unavailable",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(out: Path, kinds: list[str], engine: str = "fsdp2", timeout: int = 240) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "DS_ACCELERATOR": "cpu",
-    }
-    env.pop("RANK", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(WORKER),
-        str(out),
-        "--batch",
-        "2",
-        "--engine",
-        engine,
-        "--kinds",
-        ",".join(kinds),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    args = [str(WORKER), str(out), "--batch", "2", "--engine", engine, "--kinds", ",".join(kinds)]
+    proc = torchrun(args, timeout=timeout, env={"DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
@@ -287,21 +248,12 @@ def test_cli_train_under_fsdp2_writes_the_whole_adapter_and_equals_one_process(t
         "defense.name": "asft",
     }
     flags = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
-    env = {
-        **os.environ,
-        **FSDP_ENV,
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-    }
-    env.pop("RANK", None)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), str(HERE / "_fsdp_cli.py"), "train", "--model", str(model_dir),
+    args = [
+        str(HERE / "_fsdp_cli.py"), "train", "--model", str(model_dir),
         "--base-model", str(base_dir), "--task", "demo", "--harmful-source", "demo", "--eval-source", "demo",
         "--batch-size", "2", "--output-dir", str(tmp_path / "fsdp"), *flags,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = torchrun(args, timeout=240, env=FSDP_ENV)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = json.loads((tmp_path / "fsdp" / "run.json").read_text())
     assert run["global_steps"] == 3

@@ -11,13 +11,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers_dist import gloo, torchrun
 from helpers_models import demo_train_args, make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -419,35 +417,11 @@ def test_cli_train_monitor_flags(tmp_path, capsys):
 
 
 # ---- DDP -----------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="torch.distributed with the gloo backend is unavailable",
-)
+@gloo
 def test_ddp_two_ranks_stop_together(tmp_path):
     """2 CPU ranks (gloo): rank 0 alone judges (the judge fails on any other rank), both ranks log the same numbers
     and stop at the same step; no deadlock."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    env.pop("RANK", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(HERE / "_monitor_ddp_worker.py"),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = torchrun([str(HERE / "_monitor_ddp_worker.py"), str(tmp_path)], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert reports[0]["global_step"] == reports[1]["global_step"] == 4
