@@ -377,6 +377,11 @@ def test_smoke_preset_end_to_end_cached_failed_and_report_only(tmp_path, smoke_e
         run["n_harmful_train"] == 4 and run["global_steps"] == 2
     )  # the preset's n, p and max_steps reached the child
     assert (out / "cells" / "p0.25-sft-s0" / "log.txt").read_text().startswith("$ ")
+    curves = json.loads((out / "summary.json").read_text())["monitor_curves"]
+    assert list(curves) == ["p0.25-sft-s0"]  # the failed cell left no monitor history; θ₀ and skipped cells none
+    assert [c["step"] for c in curves["p0.25-sft-s0"]["checks"]] == [0, 1, 2]
+    assert all(0 <= c["refusal_rate"] <= 100 for c in curves["p0.25-sft-s0"]["checks"])
+    assert "## Safety drift during fine-tuning" in (out / "results.md").read_text()
 
     # rerun: finished cells are cached (not re-trained), the failed one is retried (now without the bad flag)
     monkeypatch.setattr(runner, "cell_argv", real_argv)
@@ -389,12 +394,14 @@ def test_smoke_preset_end_to_end_cached_failed_and_report_only(tmp_path, smoke_e
     assert rows["safeinstr"]["status"] == "ok" and rows["safeinstr"]["step_time_ratio_vs_sft"] > 0
 
     # report-only regenerates summary, table and plot without running anything
-    for f in ("summary.json", "results.md", "pareto.png"):
+    for f in ("summary.json", "results.md", "pareto.png", "monitor.png"):
         (out / f).unlink()
     calls.clear()
     assert main(["bench", "--preset", "smoke", "--out", str(out), "--report-only"]) == 0
     assert calls == []
-    assert (out / "pareto.png").stat().st_size > 1000
+    assert (out / "pareto.png").stat().st_size > 1000 and (out / "monitor.png").stat().st_size > 1000
+    curves = json.loads((out / "summary.json").read_text())["monitor_curves"]
+    assert set(curves) == {"p0.25-sft-s0", "p0.25-safeinstr-s0"}
     md = (out / "results.md").read_text()
     assert "| safeinstr |" in md and "skipped: needs the unaligned base model" in md and str(smoke_env) in md
     assert len(json.loads((out / "summary.json").read_text())["rows"]) == 4

@@ -104,3 +104,33 @@ def test_another_theta0_reruns_every_row_including_its_own(fake, tmp_path):
     run_demo(str(out), defenses="sft", log=lambda *a: None)
     assert (fake["train"], fake["eval"]) == (2, 4)
     assert json.loads((out / "aligned" / "eval.json").read_text())["aligned_model"].endswith("theta0-rebuilt")
+
+
+def test_remaining_time_estimate_scales_reference_times_by_the_pace_so_far(monkeypatch):
+    import safeft.demo as demo
+
+    now = [0.0]
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(demo, "STAGE_SECONDS", {"align": 100.0, "eval": 10.0, "sft": 50.0, "cwac": 150.0})
+    eta = demo._Eta(["align", "eval:aligned", "sft", "eval:sft", "cwac", "eval:cwac"])
+    assert eta.remaining() == 100 + 10 + 50 + 10 + 150 + 10  # reference pace before any stage ran
+    now[0] = 200.0
+    eta.done("align")  # this machine is 2x slower than the reference
+    assert eta.remaining() == 2 * (10 + 50 + 10 + 150 + 10)
+    eta.done("eval:aligned", ran=False)  # reused from cache: says nothing about pace
+    assert eta.remaining() == 2 * (50 + 10 + 150 + 10)
+    assert "3.3 min" in eta.line() and "about 7 min left" in eta.line()
+    for s in ("sft", "eval:sft", "cwac", "eval:cwac"):
+        eta.done(s, ran=False)
+    assert eta.remaining() == 0 and eta.line().endswith("done")
+
+
+def test_demo_prints_the_remaining_time_as_it_goes(fake, tmp_path):
+    from safeft.demo import run_demo
+
+    lines: list[str] = []
+    run_demo(str(tmp_path / "demo"), defenses="sft,safeinstr", log=lambda *a: lines.append(" ".join(map(str, a))))
+    est = [x for x in lines if "elapsed" in x]
+    assert len(est) == 4  # after θ₀, its evaluation and each defense
+    assert "left" in est[0] and est[-1].endswith("done")
+    assert "for the whole demo" in lines[0]

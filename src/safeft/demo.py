@@ -64,6 +64,44 @@ DEMO_DEFENSE_OPTIONS: dict[str, dict[str, Any]] = {
 
 DEFAULT_ORDER = ["sft", "cwac", "pact", "asft", "safelora", "safeinstr", "lisa"]
 
+# Seconds each stage took in a first run on 2 CPU cores (fp32; `safeft demo --fresh` in an empty cache,
+# 2026-12-01). Only their ratios matter: the estimate scales them by how fast this machine has been so far.
+STAGE_SECONDS: dict[str, float] = {
+    "align": 250.0, "eval": 28.0,
+    "sft": 50.0, "cwac": 150.0, "pact": 90.0, "asft": 52.0, "safelora": 47.0, "safeinstr": 50.0, "lisa": 45.0,
+}
+
+
+class _Eta:
+    """Remaining-time estimate: the stages still to run, weighted by :data:`STAGE_SECONDS`, at the pace this machine
+    has shown on the stages done so far (the reference pace before any is done)."""
+
+    def __init__(self, stages: list[str]):
+        self.todo = list(stages)
+        self.expected_done = 0.0
+        self.actual_done = 0.0
+        self.t0 = time.perf_counter()
+        self.t_stage = self.t0
+
+    def done(self, stage: str, ran: bool = True) -> None:
+        """Mark ``stage`` finished; ``ran=False`` when it was reused from a cache (its time says nothing of pace)."""
+        now = time.perf_counter()
+        self.todo.remove(stage)
+        if ran:
+            self.expected_done += STAGE_SECONDS.get(stage.split(":")[0], STAGE_SECONDS["sft"])
+            self.actual_done += now - self.t_stage
+        self.t_stage = now
+
+    def remaining(self) -> float:
+        pace = self.actual_done / self.expected_done if self.expected_done > 0 else 1.0
+        return pace * sum(STAGE_SECONDS.get(s.split(":")[0], STAGE_SECONDS["sft"]) for s in self.todo)
+
+    def line(self) -> str:
+        left = self.remaining()
+        when = "done" if not self.todo else (f"about {left / 60:.0f} min left" if left >= 90 else
+                                            f"about {left:.0f} s left")
+        return f"      elapsed {(time.perf_counter() - self.t0) / 60:.1f} min; {when}"
+
 
 def _table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'model':<12} {'HS % (lower better)':<22} {'refusal %':<10} {'HS keyword %':<13} "
@@ -153,9 +191,14 @@ def run_demo(
     settings = dict(DEMO_SETTINGS)
     settings["training.output_dir"] = str(out / "aligned")
     cfg = build_config(None, settings)
-    log("[1/3] θ₀: alignment stage of SmolLM2-135M-Instruct (runs once, then cached)")
+    eta = _Eta(["align", "eval:aligned"] + [s for n in names for s in (n, f"eval:{n}")])
+    log(f"[1/3] θ₀: alignment stage of SmolLM2-135M-Instruct (runs once, then cached; ~{eta.remaining() / 60:.0f} min "
+        "for the whole demo on 2 CPU cores the first time)")
+    t_align = time.perf_counter()
     aligned_dir = resolve(cfg, cfg.model.aligned, log=log)
+    eta.done("align", ran=time.perf_counter() - t_align > 30)
     log(f"      θ₀ = {aligned_dir}")
+    log(eta.line())
     splits = build_splits(cfg)
     log(
         f"[2/3] evaluating θ₀ on {min(cfg.eval.n_harmful, len(splits.eval_harmful))} held-out harmful prompts, "
@@ -172,6 +215,8 @@ def run_demo(
         base_eval = run_eval(cfg, splits=splits)
         base_eval["aligned_model"] = str(aligned_dir)
         atomic_write_json(out / "aligned" / "eval.json", base_eval)
+    eta.done("eval:aligned", ran=not hit)
+    log(eta.line())
     rows = [_row("aligned", base_eval, None)]
     for i, name in enumerate(names, start=1):
         s = dict(settings)
@@ -183,14 +228,19 @@ def run_demo(
         hit = None if fresh else _cached(out / name, c, aligned_dir, judge_name)
         if hit:
             rows.append(_row(name, hit[0], hit[1]))
+            eta.done(name, ran=False)
+            eta.done(f"eval:{name}", ran=False)
             log(f"[3/3] ({i}/{len(names)}) {name}: cached in {out / name} (--fresh reruns it)")
             log(_table(rows[-1:]).splitlines()[-1])
             continue
         log(f"[3/3] ({i}/{len(names)}) fine-tuning θ₀ with {name} on {c.data.n} samples, p = {c.data.p}")
         rec = run_train(c, keep_model=True, log=log)
+        eta.done(name)
         report = run_eval(c, rec["model"], rec["tokenizer"], splits=splits, out_path=out / name / "eval.json")
+        eta.done(f"eval:{name}")
         rows.append(_row(name, report, rec["train_seconds"]))
         log(_table(rows[-1:]).splitlines()[-1])
+        log(eta.line())
         del rec
     total = time.perf_counter() - t0
     summary = {

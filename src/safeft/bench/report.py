@@ -1,5 +1,6 @@
 """Benchmark reports built from the cells on disk: ``summary.json`` (one row per cell), ``results.md`` (tables) and
-``pareto.png`` (HS vs FA). Rebuilt after every run and by ``safeft bench --report-only``; nothing here trains.
+``pareto.png`` (HS vs FA), plus the safety monitor's curves (``monitor.png``, safeft.bench.curves) when the preset
+turns the monitor on. Rebuilt after every run and by ``safeft bench --report-only``; nothing here trains.
 
 Units: hs, fa, over_refusal, gibberish_rate in percent; CIs are 95% bootstrap ``[lo, hi]`` in percent; seconds are
 wall-clock; cost ratios divide a cell's mean optimizer-step time / peak memory by those of the ``sft`` cell with
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from safeft.bench.curves import collect_curves, curves_markdown, render_curves
 from safeft.bench.preset import ALIGNED, Cell, Preset, cell_config, config_hash, expand_vars, split_variant
 from safeft.bench.runner import _fmt_s, cell_command, read_json
 from safeft.errors import SafeFTError
@@ -449,10 +451,19 @@ def write_reports(
         "judge_check": ja,
         **{k: meta[k] for k in ("command", "wall_seconds", "cells_wall_seconds", "machines", "generated_at")},
     }
+    curves = collect_curves(cells, out)
+    if curves:
+        summary["monitor_curves"] = curves
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "summary.json", summary)
-    atomic_write_text(out / "results.md", render_markdown(preset, rows, meta))
     paths = [out / "summary.json", out / "results.md"]
+    png = render_curves(curves, out / "monitor.png", f"safeft bench {preset.name}: safety monitor checks vs step")
+    md = render_markdown(preset, rows, meta)
+    if curves:
+        md = md.rstrip("\n") + "\n\n" + "\n".join(curves_markdown(curves, png))
+    atomic_write_text(out / "results.md", md)
     if render_pareto(preset, rows, out / "pareto.png"):
         paths.append(out / "pareto.png")
+    if png:
+        paths.append(out / "monitor.png")
     return paths
