@@ -247,7 +247,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # modules that read the same input (one V each group, after the CWAC rework)
 INPUT_GROUPS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out"}
 INPUT_GROUPS.update({"gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"})
-DEFENSES = ("sft", "cwac", "asft", "pact", "safelora", "safeinstr", "lisa")
+DEFENSES = ("sft", "cwac", "asft", "pact", "safelora", "safeinstr", "lisa", "sppft")
 
 
 @dataclass
@@ -401,6 +401,9 @@ def estimate(m: ModelDims, defense: str, s: Setting, cost: CostModel = COST) -> 
         snap = lora_params if s.method == "lora" else m.params
         e.train_extra_bytes = 4.0 * snap / shard
         e.notes.append("alternates alignment and task steps: more steps for the same task data")
+    elif defense == "sppft":  # one forward of 2 × 100 prompts (~64 tokens) to locate the blocks, then frozen blocks
+        e.prepare_seconds = 2.0 * m.params * 200 * 64 / (hw.tflops * 1e12)
+        e.notes.append("frozen safety layers: no extra memory; a step costs at most plain SFT's")
     elif defense == "safeinstr":
         e.step_ratio = 1.0
         e.notes.append(
