@@ -1,15 +1,20 @@
 """The demo's answers, labelled blind by reading, against the judges.
 
-    python benchmarks/demo_labels/compare.py [--judge content] [--out benchmarks/demo_labels/results.md]
+    python benchmarks/demo_labels/compare.py --run benchmarks/demo_labels/run2 [--judge content]
 
-``cells/<model>/eval.json`` are the stored answers of one ``safeft demo`` run (seed 0; ``cells/summary.json``):
-θ₀ and seven fine-tuned models, 30 held-out demo harmful prompts and 12 safe contrast prompts each. ``blind.jsonl``
-holds the same 336 answers shuffled, with opaque ids and no model names; ``labels.csv`` is one labeller's reading of
-it by the rubric of SPEC §5 (``benchmarks/judge_dev/labellers/INSTRUCTIONS.md``, with its round-5 clarification:
-generic filler steps are not content), made before anyone looked at which model wrote which answer;
-``labels_lenient.csv`` is an earlier labeller's reading, told to count any compliance-shaped step list as harmful
-(the boundary the clarification settled; kept to show how much HS depends on it); ``key.csv`` maps ids to models. The judges re-read the stored answers here
-(no model is run), so this checks a judge against human labels on answers it never trained on.
+A run folder (made by ``make_blind.py``) holds one ``safeft demo`` run: ``cells/<model>/eval.json`` are its stored
+answers (seed 0; ``cells/summary.json`` has the settings) — θ₀ and the fine-tuned models, the demo's held-out
+harmful prompts and safe contrast prompts each. ``blind.jsonl`` holds the same answers shuffled, with opaque ids
+and no model names; ``labels.csv`` is a labeller's reading of it by the rubric of SPEC §5
+(``benchmarks/judge_dev/labellers/INSTRUCTIONS.md``, with its round-5 clarification: generic filler steps are not
+content), made before anyone looked at which model wrote which answer; ``key.csv`` maps ids to models. Optional:
+``labels_lenient.csv`` (run1: an earlier labeller's reading, told to count any compliance-shaped step list as
+harmful — the boundary the clarification settled; kept to show how much HS depends on it) and ``labels_second.csv``
+(a second labeller on a sample: agreement is reported). The judges re-read the stored answers here (no model is
+run), so this checks a judge against human labels on answers it never trained on. Writes ``<run>/results.md``.
+
+Runs: ``run1`` = the demo of 2026-11-30 (64 samples, θ₀ from 90 alignment steps, CWAC SAEs 8× wide, 300 steps);
+``run2`` = the demo's settings since 2026-12-01 (see ``src/safeft/demo.py``).
 """
 
 from __future__ import annotations
@@ -35,17 +40,32 @@ def _balanced(pairs: list[tuple[str, str]], positive: str) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default=str(HERE / "run2"), help="a folder made by make_blind.py, with labels.csv")
     ap.add_argument("--judge", default="content")
-    ap.add_argument("--out", default=str(HERE / "results.md"))
     args = ap.parse_args()
 
     from safeft.eval import get_judge
 
-    key = {r["id"]: r for r in csv.DictReader(open(HERE / "key.csv", encoding="utf-8"))}
-    human = {r["id"]: r["outcome"] for r in csv.DictReader(open(HERE / "labels.csv", encoding="utf-8"))}
-    lenient = {r["id"]: r["outcome"] for r in csv.DictReader(open(HERE / "labels_lenient.csv", encoding="utf-8"))}
-    blind = {json.loads(line)["id"]: json.loads(line) for line in open(HERE / "blind.jsonl", encoding="utf-8")}
+    run = Path(args.run)
+
+    def read_labels(name: str) -> dict[str, str] | None:
+        p = run / name
+        if not p.is_file():
+            return None
+        return {r["id"]: r["outcome"] for r in csv.DictReader(open(p, encoding="utf-8"))}
+
+    key = {r["id"]: r for r in csv.DictReader(open(run / "key.csv", encoding="utf-8"))}
+    human = read_labels("labels.csv")
+    if human is None:
+        raise SystemExit(f"{run / 'labels.csv'}: no labels yet (label {run / 'blind.jsonl'} first)")
+    lenient, second = read_labels("labels_lenient.csv"), read_labels("labels_second.csv")
+    blind = {json.loads(line)["id"]: json.loads(line) for line in open(run / "blind.jsonl", encoding="utf-8")}
     ids = sorted(key)
+    missing = sorted(set(ids) - set(human))
+    if missing:
+        raise SystemExit(f"{run / 'labels.csv'}: {len(missing)} of {len(ids)} answers unlabelled, e.g. {missing[0]}")
+    models = [m for m in MODELS if any(k["model"] == m for k in key.values())]
+    models += sorted({k["model"] for k in key.values()} - set(models))
     judges = {"judge": get_judge(args.judge), "keyword": get_judge("keyword")}
     verdict: dict[str, dict[str, str]] = {}
     for name, j in judges.items():
@@ -56,28 +76,33 @@ def main() -> None:
     def pct(xs: list[str], o: str) -> float:
         return 100.0 * sum(x == o for x in xs) / len(xs)
 
+    n_h = sum(1 for i in ids if key[i]["prompt_kind"] == "harmful")
+    n_models = len(models)
     lines = [
         "# Demo answers: human labels vs judges",
         "",
-        f"`python benchmarks/demo_labels/compare.py --judge {args.judge}` (judge `{jname}`); answers from one `safeft demo` "
-        "run (seed 0, `cells/summary.json`), 30 held-out demo harmful prompts and 12 safe contrast prompts per model, "
-        "labelled blind by reading (`labels.csv`).",
+        f"`python benchmarks/demo_labels/compare.py --run {run.as_posix()} --judge {args.judge}` (judge `{jname}`); "
+        f"answers from one `safeft demo` run (seed 0, `cells/summary.json`), {n_h // n_models} held-out demo harmful "
+        f"prompts and {(len(ids) - n_h) // n_models} safe contrast prompts per model, labelled blind by reading "
+        "(`labels.csv`).",
         "",
-        "| model | human HS % | human refusal % | human HS %, lenient | judge HS % | judge refusal % | keyword HS % "
-        "| over-refusal % human / judge |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | human HS % | human refusal % | " + ("human HS %, lenient | " if lenient else "")
+        + "judge HS % | judge refusal % | keyword HS % | over-refusal % human / judge |",
+        "|---|---|---|" + ("---|" if lenient else "") + "---|---|---|---|",
     ]
-    for m in MODELS:
+    for m in models:
         h = [i for i in ids if key[i]["model"] == m and key[i]["prompt_kind"] == "harmful"]
         s = [i for i in ids if key[i]["model"] == m and key[i]["prompt_kind"] == "safe"]
         hh, jh, kh = [human[i] for i in h], [verdict["judge"][i] for i in h], [verdict["keyword"][i] for i in h]
         hs_, js_ = [human[i] for i in s], [verdict["judge"][i] for i in s]
+        len_col = f" {pct([lenient[i] for i in h], 'harmful'):.1f} |" if lenient else ""
         lines.append(
-            f"| {m} | {pct(hh, 'harmful'):.1f} | {pct(hh, 'refusal'):.1f} | {pct([lenient[i] for i in h], 'harmful'):.1f} "
-            f"| {pct(jh, 'harmful'):.1f} | "
+            f"| {m} | {pct(hh, 'harmful'):.1f} | {pct(hh, 'refusal'):.1f} |{len_col}"
+            f" {pct(jh, 'harmful'):.1f} | "
             f"{pct(jh, 'refusal'):.1f} | {pct(kh, 'harmful'):.1f} | {pct(hs_, 'refusal'):.1f} / {pct(js_, 'refusal'):.1f} |"
         )
-    lines += ["", "Agreement on the 240 answers to harmful prompts (balanced accuracy = mean of the two recalls):", ""]
+    lines += ["", f"Agreement on the {n_h} answers to harmful prompts (balanced accuracy = mean of the two recalls):",
+              ""]
     lines += ["| judge | harmful vs not | refusal vs not | confusion (rows human refusal/harmful/other; cols judge) |",
               "|---|---|---|---|"]
     harm_ids = [i for i in ids if key[i]["prompt_kind"] == "harmful"]
@@ -88,8 +113,13 @@ def main() -> None:
         label = jname if name == "judge" else "keyword"
         ba_h, ba_r = _balanced(pairs, "harmful"), _balanced(pairs, "refusal")
         lines.append(f"| {label} | {ba_h:.1f} | {ba_r:.1f} | {conf} |")
+    if second:
+        both = [i for i in ids if i in second]
+        agree = sum(human[i] == second[i] for i in both)
+        lines += ["", f"Second labeller (`labels_second.csv`): agrees with `labels.csv` on {agree} of {len(both)} "
+                  "answers they both labelled."]
     text = "\n".join(lines) + "\n"
-    Path(args.out).write_text(text, encoding="utf-8")
+    (run / "results.md").write_text(text, encoding="utf-8")
     print(text)
 
 
