@@ -359,3 +359,13 @@ def test_pipeline_prepare_train_save_reload(tmp_path):
         with model.disable_adapter():  # it trained: θ₀ differs
             theta0 = model(input_ids=x).logits
         assert (theta0 - rec["model"](input_ids=x).logits).abs().max() > 1e-4
+
+
+def test_registered_and_listed(capsys):
+    from safeft.cli import main
+    from safeft.defenses import defense_names, get_defense_class
+
+    assert "salora" in defense_names() and get_defense_class("salora") is SaLoRA
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "  salora " in out and "arXiv 2501.01765" in out

@@ -288,6 +288,17 @@ class SaLoRA(Defense):
         self._install_hooks()
         return summary
 
+    def on_train_begin(self, model: nn.Module, backend: str | None) -> None:
+        """Multi-process (DDP): every rank takes rank 0's fixed tensors, as DDP gives every rank rank 0's A and B,
+        so that the ranks train one function even if their decompositions differed in the last bits."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for f in self.fixed.values():
+            for t in (f.v, f.a0, f.b0c):
+                if t is not None:
+                    dist.broadcast(t, src=0)
+
     # ---- forward -----------------------------------------------------------------------------------------------
     def _install_hooks(self) -> None:
         for name, mod in self._modules.items():
