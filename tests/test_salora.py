@@ -311,35 +311,43 @@ def test_full_finetuning_and_missing_inputs_are_refused():
 
 
 # ---- end to end -----------------------------------------------------------------------------------------------------
-def test_pipeline_prepare_train_save_reload(tmp_path):
+def _run_cfg(tmp_path, model_dir, out: str, **extra):
     from safeft.config import build_config as run_config
+
+    s = {
+        "model.aligned": str(model_dir),
+        "model.cache_dir": str(tmp_path / "cache"),
+        "data.task": "demo",
+        "data.harmful_source": "demo",
+        "data.n": 16,
+        "data.p": 0.25,
+        "data.max_length": 96,
+        "training.lora_r": 4,
+        "training.lora_alpha": 8,
+        "training.max_steps": 3,
+        "training.batch_size": 4,
+        "training.lr": 1e-2,
+        "training.save_steps": 100,
+        "training.output_dir": str(tmp_path / out),
+        "training.progress": False,
+        "training.logging_steps": 1,
+        "eval.harmful_source": "demo",
+        "defense.name": "salora",
+        "defense.options.salora": {"safety_rank": 4, "task_rank": 8, "niter": 4},
+    }
+    s.update(extra)
+    return run_config(None, s)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "m", max_position_embeddings=256)
+
+
+def test_pipeline_prepare_train_save_reload(tmp_path, model_dir):
     from safeft.pipeline import load_trained, run_prepare, run_train
 
-    model_dir = make_tiny_model_dir(tmp_path / "m", max_position_embeddings=256)
-    cfg = run_config(
-        None,
-        {
-            "model.aligned": str(model_dir),
-            "model.cache_dir": str(tmp_path / "cache"),
-            "data.task": "demo",
-            "data.harmful_source": "demo",
-            "data.n": 16,
-            "data.p": 0.25,
-            "data.max_length": 96,
-            "training.lora_r": 4,
-            "training.lora_alpha": 8,
-            "training.max_steps": 3,
-            "training.batch_size": 4,
-            "training.lr": 1e-2,
-            "training.save_steps": 100,
-            "training.output_dir": str(tmp_path / "run"),
-            "training.progress": False,
-            "training.logging_steps": 1,
-            "eval.harmful_source": "demo",
-            "defense.name": "salora",
-            "defense.options.salora": {"safety_rank": 4, "task_rank": 8, "niter": 4},
-        },
-    )
+    cfg = _run_cfg(tmp_path, model_dir, "run")
     prep = run_prepare(cfg, log=lambda *a: None)
     assert prep["salora"]["cached"] is False and prep["salora"]["modules"] == 14  # 7 projections × 2 layers
     manifest = next((tmp_path / "cache" / "artifacts").rglob(f"{ARTIFACT}/manifest.json"))
@@ -353,12 +361,39 @@ def test_pipeline_prepare_train_save_reload(tmp_path):
     x = torch.tensor([[5, 6, 7, 8, 9]])
     rec["model"].eval()
     with torch.no_grad():
-        torch.testing.assert_close(
-            model(input_ids=x).logits, rec["model"](input_ids=x).logits, atol=1e-5, rtol=0
-        )
+        trained = rec["model"](input_ids=x).logits
+        torch.testing.assert_close(model(input_ids=x).logits, trained, atol=1e-5, rtol=0)
         with model.disable_adapter():  # it trained: θ₀ differs
             theta0 = model(input_ids=x).logits
-        assert (theta0 - rec["model"](input_ids=x).logits).abs().max() > 1e-4
+    assert (theta0 - trained).abs().max() > 1e-4
+
+
+def test_pipeline_resume_equals_uninterrupted_run(tmp_path, model_dir):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from safeft.pipeline import run_train
+
+    quiet = {"log": lambda *a: None}
+    run_train(_run_cfg(tmp_path, model_dir, "ref", **{"training.max_steps": 4}), **quiet)
+    out = tmp_path / "run"
+    run_train(
+        _run_cfg(tmp_path, model_dir, "run", **{"training.max_steps": 4, "training.save_steps": 2}), **quiet
+    )
+    state = load_file(str(out / "checkpoint-2" / "defense_state.safetensors"))
+    assert any(k.startswith("salora.") and k.endswith(".v") for k in state)
+    shutil.rmtree(out / "checkpoint-4")
+    shutil.rmtree(out / "final")
+    cfg = _run_cfg(tmp_path, model_dir, "run", **{"training.max_steps": 4, "training.save_steps": 2})
+    cfg.training.resume = True
+    rec = run_train(cfg, **quiet)
+    assert rec["resumed_from"].endswith("checkpoint-2")
+    ref = load_file(str(tmp_path / "ref" / "final" / "adapter_model.safetensors"))
+    got = load_file(str(out / "final" / "adapter_model.safetensors"))
+    assert set(got) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=0)
 
 
 def test_registered_and_listed(capsys):

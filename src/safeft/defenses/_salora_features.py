@@ -98,7 +98,7 @@ def module_output_subspaces(
     :class:`SafeFTError` when there are fewer response rows than a requested rank."""
     n_rows = int(sum(int(b["select"].sum()) for b in batches))
     need = max(ranks.values())
-    if n_rows < need:
+    if n_rows == 0 or n_rows < need:
         raise SafeFTError(
             f"defense salora: the {what} give only {n_rows} response tokens, fewer than the rank {need} asked of "
             f"them; use more examples or a lower rank"

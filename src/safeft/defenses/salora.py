@@ -130,8 +130,10 @@ class SaLoRA(Defense):
         return examples
 
     def _safety_pairs(self, ctx: DefenseContext) -> list[tuple[str, str]]:
-        held = {p.strip().lower() for p in list(ctx.eval_prompts) + list(ctx.poison_prompts)}
-        pairs = [(str(p), str(r)) for p, r in ctx.refusal_pairs if str(p).strip().lower() not in held]
+        from safeft.data import normalize_text
+
+        held = {normalize_text(p) for p in list(ctx.eval_prompts) + list(ctx.poison_prompts)}
+        pairs = [(str(p), str(r)) for p, r in ctx.refusal_pairs if normalize_text(str(p)) not in held]
         if not pairs:
             raise SafeFTError(
                 "defense 'salora' needs (harmful prompt, safety response) pairs for its safety module; none were "
@@ -305,7 +307,8 @@ class SaLoRA(Defense):
             adapter = active_adapter(mod)
             self._handles.append(mod.lora_B[adapter].register_forward_hook(self._project_hook(name)))
             if self.fixed[name].a0 is not None:
-                self._handles.append(mod.register_forward_hook(self._init_term_hook(name, adapter)))
+                hook = self._init_term_hook(name, adapter)
+                self._handles.append(mod.register_forward_hook(hook, with_kwargs=True))
 
     def _remove_hooks(self) -> None:
         for h in self._handles:
@@ -319,11 +322,11 @@ class SaLoRA(Defense):
         return hook
 
     def _init_term_hook(self, name: str, adapter: str):
-        def hook(mod: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        def hook(mod: nn.Module, args: Any, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
             if mod.disable_adapters or mod.merged or adapter not in mod.active_adapters:
                 return out
             f = self.fixed[name]
-            x = args[0].to(f.a0.dtype)
+            x = (args[0] if args else kwargs["x"]).to(f.a0.dtype)
             term = ((x @ f.a0.T) @ f.b0c.T) * mod.scaling[adapter]  # s · C B₀ A₀ x
             return out - term.to(out.dtype)
 
@@ -371,8 +374,7 @@ class SaLoRA(Defense):
             b.copy_(new_b.to(b.dtype))
             leak = max(leak, float((f.v.T @ b.float()).norm() / b.float().norm().clamp_min(1e-30)))
             new_r = r2
-        for pc in m.peft_config.values():
-            pc.r = new_r
+        m.peft_config[adapter].r = new_r  # one adapter, one rank (checked at prepare)
         self.folded = True
         return {"lora_rank_saved": new_r, "salora_max_relative_leak": leak, "modules": len(self.fixed)}
 
@@ -397,6 +399,11 @@ class SaLoRA(Defense):
             if f"{n}.v" not in state:
                 raise SafeFTError(
                     f"defense salora: the checkpoint's defense state has no safety module for {n}"
+                )
+            if (f.a0 is None) != (f"{n}.a0" not in state):
+                raise SafeFTError(
+                    "defense salora: the checkpoint was trained with another task_init setting; resume with the "
+                    "run's own settings"
                 )
             dev = f.v.device
             f.v = state[f"{n}.v"].to(dev)
