@@ -13,7 +13,7 @@ from safeft.defenses.base import (
 )
 
 # Optional imports: each defense module registers itself; they are listed here as they land.
-for _mod in ("cwac", "pact", "asft", "safelora", "safeinstr", "lisa", "sppft"):
+for _mod in ("cwac", "pact", "asft", "safelora", "salora", "safeinstr", "lisa", "sppft"):
     try:
         __import__(f"safeft.defenses.{_mod}")
     except ModuleNotFoundError as _e:  # module not written yet
