@@ -3,7 +3,7 @@
     python benchmarks/monitor_curves.py [--defenses sft,cwac] [--every 2]
 
 Runs ``safeft demo``'s fine-tuning (θ₀ = the demo's aligned SmolLM2-135M, 64 samples with 10% harmful, LoRA r8,
-16 steps, seed 0; CWAC with the demo's options, its artifacts cached by ``safeft demo``) once per defense with the
+16 steps, seed 0; CWAC with the demo's options of 2026-11-30: SAEs 8x wide, 300 steps) once per defense with the
 safety monitor on (``monitor.every`` steps; its default prompts: 24 of the demo's held-out harmful prompts and 8
 safe ones, 32 new tokens, the content judge), then writes every check to
 ``benchmarks/results/monitor_curves.json`` and plots harmful and refusal rate against the step
@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# The committed curves were made with the demo's CWAC SAEs of 2026-11-30 (8x wide, 300 steps; the demo now uses 2x
+# and 200): pinned so that this command still reproduces them.
+CWAC_SAE_2026_11_30 = {"cwac": {"sae_width_factor": 8, "sae_steps": 300}}
 ROOT = HERE.parent
 
 
@@ -40,7 +43,7 @@ def main() -> None:
         s.update({"defense.name": name, "training.output_dir": str(ROOT / "runs" / "monitor-curves" / name),
                   "monitor.enabled": True, "monitor.every": args.every})
         if name in DEMO_DEFENSE_OPTIONS:
-            s[f"defense.options.{name}"] = DEMO_DEFENSE_OPTIONS[name]
+            s[f"defense.options.{name}"] = {**DEMO_DEFENSE_OPTIONS[name], **CWAC_SAE_2026_11_30.get(name, {})}
         t0 = time.perf_counter()
         rec = run_train(build_config(None, s))
         mon = json.loads((Path(s["training.output_dir"]) / "monitor.json").read_text(encoding="utf-8"))

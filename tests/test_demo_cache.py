@@ -134,3 +134,22 @@ def test_demo_prints_the_remaining_time_as_it_goes(fake, tmp_path):
     assert len(est) == 4  # after θ₀, its evaluation and each defense
     assert "left" in est[0] and est[-1].endswith("done")
     assert "for the whole demo" in lines[0]
+
+
+def test_defenses_all_runs_every_peer_and_default_runs_sft_cwac_and_two_peers(fake, tmp_path, monkeypatch):
+    import safeft.demo as demo
+
+    seen: list[str] = []
+    real = demo.build_config
+
+    def spy(path, settings):
+        if "defense.name" in settings:
+            seen.append(settings["defense.name"])
+        return real(path, settings)
+
+    monkeypatch.setattr(demo, "build_config", spy)
+    demo.run_demo(str(tmp_path / "a"), defenses="all", log=lambda *a: None)
+    assert seen == demo.ALL_ORDER
+    seen.clear()
+    demo.run_demo(str(tmp_path / "b"), log=lambda *a: None)
+    assert seen == demo.DEFAULT_ORDER == ["sft", "cwac", "safelora", "lisa"]
