@@ -520,7 +520,7 @@ def test_lisa_alternates_on_schedule_and_swaps_batches():
 
 def test_lisa_proximal_pulls_toward_the_other_phase_state():
     model = _Toy()
-    d = Lisa(LisaConfig(align_steps=2, user_steps=3, rho=2.0))
+    d = Lisa(LisaConfig(align_steps=2, user_steps=3, rho=2.0, proximal_start_step=0))  # no warm-up
     d.prepare(model, _lisa_ctx())
     assert set(d.snapshot) == {"w"}  # trainable parameters only
     with torch.no_grad():
@@ -571,6 +571,87 @@ def test_lisa_warmup_state_round_trip_and_validation():
         LisaConfig(rho=-0.5)
     with pytest.raises(SafeFTError, match="needs alignment data"):
         Lisa().prepare(_Toy(), DefenseContext(tokenizer=None))
+    with pytest.raises(SafeFTError, match="one of proximal_warmup_fraction .* or proximal_start_step"):
+        LisaConfig(proximal_warmup_fraction=0.1, proximal_start_step=3)
+    with pytest.raises(
+        SafeFTError, match=r"defense\.lisa\.proximal_warmup_fraction: must be a number in \[0, 1\]"
+    ):
+        LisaConfig(proximal_warmup_fraction=1.5)
+    with pytest.raises(SafeFTError, match=r"defense\.lisa\.proximal_start_step: must be an integer ≥ 0"):
+        LisaConfig(proximal_start_step=-1)
+
+
+def test_lisa_default_proximal_warmup_is_the_authors_10_percent():
+    """git-disl/Lisa trainer.py: the term is added only when steps > 0.1 × total steps (0-based step counter)."""
+    cfg = LisaConfig()
+    assert (cfg.proximal_warmup_fraction, cfg.proximal_start_step) == (0.1, None)
+    explicit = LisaConfig(proximal_start_step=7)
+    assert (explicit.proximal_warmup_fraction, explicit.proximal_start_step) == (None, 7)
+    model = _Toy()
+    d = Lisa(LisaConfig(align_steps=100, user_steps=900))
+    d.prepare(model, _lisa_ctx())
+    with pytest.raises(SafeFTError, match="needs the run's total optimizer steps"):
+        d.loss_terms(model, {}, None)
+    d.set_total_steps(50)  # 10% = 5 steps: off at steps 0..5 (5 is not > 5), on from step 6
+    assert d.proximal_start() == 6
+    terms = []
+    for _ in range(10):
+        with torch.no_grad():
+            model.w.add_(1.0)  # the weights move away from the snapshot at every step
+        terms.append(d.loss_terms(model, {}, None)["lisa/proximal"].item())
+        d.after_step(model)  # alignment phase throughout: the snapshot stays at the start
+    assert terms[:6] == [0.0] * 6
+    assert all(t == pytest.approx(0.5 * 3 * (s + 1) ** 2) for s, t in enumerate(terms) if s >= 6)
+    for total, start in ((1, 1), (9, 1), (10, 2), (30, 4), (1000, 101)):
+        d.set_total_steps(total)
+        assert d.proximal_start() == start  # the first step s with s > 0.1 · total
+    d2 = Lisa(LisaConfig(proximal_start_step=2))  # explicit step override: no total needed
+    assert d2.proximal_start() == 2
+
+
+def test_lisa_trainer_run_has_no_proximal_term_in_the_first_10_percent(tmp_path):
+    """A real SafeTrainer run (tiny Llama, LoRA): the trainer gives max_steps at train begin; the logged term is 0 at
+    every step s ≤ 0.1 · 30 = 3 (0-based) and > 0 at every later step that is not the first of a phase."""
+    from helpers_models import make_tiny_model, make_tiny_tokenizer
+    from transformers import TrainingArguments
+
+    from safeft.data import CompletionCollator, tokenize_example
+    from safeft.models import setup_trainable
+    from safeft.trainer import SafeTrainer
+
+    tok = make_tiny_tokenizer()
+    words = ["the movie was great", "the movie was bad and boring", "what is the capital of france"]
+    rows = [tokenize_example(tok, Example(words[i % 3], "positive" if i % 2 else "negative"), max_length=64)
+            for i in range(8)]  # fmt: skip
+    align = [
+        Example(f"how do i bake bread {i}", "i cannot help with that request", kind="refusal")
+        for i in range(4)
+    ]
+    collator = CompletionCollator(tok)
+    ctx = DefenseContext(
+        tokenizer=tok,
+        alignment_examples=align,
+        collate=lambda exs: collator([tokenize_example(tok, e, max_length=64) for e in exs]),
+        seed=0,
+        use_lora=True,
+    )
+    model = setup_trainable(make_tiny_model(seed=0), method="lora", lora_r=4, lora_alpha=8)
+    (lisa,) = build_defenses("lisa", {"lisa": {"align_steps": 2, "user_steps": 3}})
+    lisa.prepare(model, ctx)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, learning_rate=1e-2, max_steps=30, logging_steps=1,
+        save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    tr = SafeTrainer(model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=tok,
+                     defenses=[lisa])  # fmt: skip
+    tr.train()
+    assert lisa.total_steps == 30 and lisa.proximal_start() == 4
+    term = {h["step"] - 1: h["lisa/proximal"] for h in tr.state.log_history if "lisa/proximal" in h}
+    assert sorted(term) == list(range(30))
+    # align 2 / user 3: the term is 0 at the first step of a phase (right after a switch)
+    first_of_phase = {s for s in range(30) if s % 5 in (0, 2)}
+    assert all(term[s] == 0.0 for s in range(4))  # steps 1 and 3 would be > 0 without the warm-up
+    assert all(term[s] > 0.0 for s in range(4, 30) if s not in first_of_phase)
 
 
 # ---- registry and composition -------------------------------------------------------------------------------------
