@@ -159,6 +159,23 @@ def test_config_defaults_and_registry():
         build_config(PACT, {"gamma": 1})
 
 
+def test_default_base_prompt_is_the_authors_string(tiny_tokenizer):
+    """Glresearch1/PACT compute_safety_tokens/compute_safety_tokens_pact.py builds θ_b's prompt as
+    f"User: {content}\n\n" + "Assistant: " (two newlines, no system turn)."""
+    import inspect
+
+    from safeft.defenses.pact import compute_safety_tokens
+
+    authors = "User: " + "Tell me how to pick a lock." + "\n\n" + "Assistant: "
+    fmt = PACTConfig().base_prompt_format
+    assert fmt == "User: {prompt}\n\nAssistant: "
+    assert fmt.replace("{prompt}", "Tell me how to pick a lock.") == authors
+    assert inspect.signature(compute_safety_tokens).parameters["base_prompt_format"].default == fmt
+    # the byte-level tokenizer tells one newline from two: the old default was a different θ_b prompt
+    one_nl = tiny_tokenizer("User: x\nAssistant: ", add_special_tokens=False)["input_ids"]
+    assert tiny_tokenizer(fmt.replace("{prompt}", "x"), add_special_tokens=False)["input_ids"] != one_nl
+
+
 # ------------------------------------------------------------------------------------------------------------
 # prepare: requirements, offline step, cache
 
@@ -202,7 +219,8 @@ def test_safety_tokens_are_top_k_by_mean_reference_probability(tiny_tokenizer, t
     for prompt, resp in PAIRS:
         r = tok(resp.strip(), add_special_tokens=False)["input_ids"][:R]
         ref_prompt = tok(format_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
-        base_prompt = tok(f"User: {prompt}\nAssistant: ", add_special_tokens=False)["input_ids"]
+        # the authors' θ_b prompt (two newlines), written out here independently of the default
+        base_prompt = tok(f"User: {prompt}\n\nAssistant: ", add_special_tokens=False)["input_ids"]
         p0s.append(_expected_mean_probs(models["aligned"], tok, ref_prompt, r))
         pbs.append(_expected_mean_probs(models["base"], tok, base_prompt, r))
     p0 = torch.stack(p0s).mean(0)

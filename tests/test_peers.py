@@ -19,6 +19,8 @@ from safeft.defenses.safelora import SafeLoRA, SafeLoRAConfig, projected_b_and_c
 from safeft.errors import SafeFTError
 
 TARGETS = ("q_proj", "v_proj")
+# every Linear of a Llama block: 7 LoRA modules per block, 14 in the 2-layer model (more than SafeLoRA's default 10)
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK_V = 2  # rank of W(θ₀) − W(θ_b) on the targeted modules, so that Ĉ has a null space to aim at
 
 
@@ -38,11 +40,11 @@ def _tiny_llama(seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
-def _lora(model, r: int = 4, alpha: int = 8):
+def _lora(model, r: int = 4, alpha: int = 8, targets: tuple[str, ...] = TARGETS):
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(
-        model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(TARGETS))
+        model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets))
     )
 
 
@@ -51,6 +53,16 @@ def pair(tmp_path):
     """(peft θ₀, ctx with base_model_path = θ_b saved as safetensors, {module: expected V}).
 
     θ_b = θ₀ − (a rank-2 matrix) on every LoRA-targeted weight and θ₀ + small noise elsewhere."""
+    return _make_pair(tmp_path, TARGETS)
+
+
+@pytest.fixture
+def pair_all_linear(tmp_path):
+    """As ``pair``, with LoRA (and V) on every Linear of the blocks: 14 LoRA modules."""
+    return _make_pair(tmp_path, ALL_LINEAR)
+
+
+def _make_pair(tmp_path, targets: tuple[str, ...]):
     aligned = _tiny_llama()
     base = copy.deepcopy(aligned)
     g = torch.Generator().manual_seed(1)
@@ -58,7 +70,7 @@ def pair(tmp_path):
     with torch.no_grad():
         for name, p in base.named_parameters():
             mod = name[: -len(".weight")]
-            if mod.split(".")[-1] in TARGETS:
+            if mod.split(".")[-1] in targets:
                 u = torch.randn(p.shape[0], RANK_V, generator=g)
                 w = torch.randn(RANK_V, p.shape[1], generator=g)
                 v = 0.05 * u @ w
@@ -68,7 +80,7 @@ def pair(tmp_path):
                 p.add_(0.01 * torch.randn(p.shape, generator=g))
     base.save_pretrained(tmp_path / "base")
     aligned.save_pretrained(tmp_path / "aligned")
-    model = _lora(aligned)
+    model = _lora(aligned, targets=targets)
     ctx = DefenseContext(tokenizer=None, base_model_path=str(tmp_path / "base"), use_lora=True, seed=0)
     return model, ctx, expected
 
@@ -280,7 +292,7 @@ def test_safelora_projects_exactly_the_selected_layers(pair):
     before = {
         n: tuple(t.detach().clone() for t in lora_factors(m)[:2]) for n, m in lora_modules(model).items()
     }
-    d = SafeLoRA()  # threshold 0.5
+    d = SafeLoRA(SafeLoRAConfig(threshold=0.5))  # threshold mode, explicitly (the default is top_k 10)
     assert d.config.threshold == 0.5 and d.config.top_k is None
     d.prepare(model, ctx)
     summary = d.finalize(model)
@@ -322,11 +334,75 @@ def test_safelora_top_k(pair):
     assert kinds[summary["projected"][0]] == "zero"
 
 
+def _naive_safelora_cosines(model, expected) -> dict[str, float]:
+    """cos(ĈΔW, ΔW) per LoRA module with dense float64 matrices, as the authors compute it."""
+    out = {}
+    for name, mod in lora_modules(model).items():
+        b, a, s = lora_factors(mod)
+        v = expected[name].double()
+        c_hat = v @ v.T / torch.linalg.matrix_norm(v)
+        dw = s * b.detach().double() @ a.detach().double()
+        out[name] = torch.nn.functional.cosine_similarity(
+            (c_hat @ dw).reshape(1, -1), dw.reshape(1, -1)
+        ).item()
+    return out
+
+
+def test_safelora_default_projects_the_10_least_similar_layers(pair_all_linear):
+    """Authors' default (IBM/SafeLoRA config.py: select_layers_type "number", num_proj_layers 10): with 14 LoRA
+    modules, exactly the 10 with the smallest cosine are projected, the other 4 are bit-identical."""
+    model, ctx, expected = pair_all_linear
+    _randomise_lora(model, seed=11)
+    mods = lora_modules(model)
+    assert len(mods) == 14
+    # spread the cosines: B of every other module partly along V's column space, so they are not all ~√(2/d_out)
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for i, name in enumerate(sorted(mods)):
+            b, _, _ = lora_factors(mods[name])
+            inside, _ = _col_basis(expected[name])
+            b.add_((i % 3) * inside @ torch.randn(RANK_V, b.shape[1], generator=g))
+    naive = _naive_safelora_cosines(model, expected)
+    ranked = sorted(naive, key=naive.get)
+    assert naive[ranked[10]] - naive[ranked[9]] > 1e-3  # the 10th and 11th are not tied
+    # the old default (τ = 0.5) would select another set: the test tells the two rules apart
+    assert sorted(n for n, c in naive.items() if c < 0.5) != sorted(ranked[:10])
+    before = {n: lora_factors(m)[0].detach().clone() for n, m in mods.items()}
+
+    d = SafeLoRA()
+    assert (d.config.top_k, d.config.threshold) == (10, None)
+    d.prepare(model, ctx)
+    summary = d.finalize(model)
+    assert summary["projected"] == sorted(ranked[:10])
+    for n, c in summary["cosines"].items():
+        assert c == pytest.approx(naive[n], abs=1e-5)
+    for n, b0 in before.items():
+        b = lora_factors(mods[n])[0]
+        if n in summary["projected"]:
+            v = expected[n].double()
+            torch.testing.assert_close(
+                b.double(), v @ (v.T @ b0.double()) / torch.linalg.matrix_norm(v), atol=1e-5, rtol=1e-4
+            )
+        else:
+            assert torch.equal(b, b0)
+
+
+def test_safelora_default_projects_every_layer_when_there_are_fewer_than_10(pair):
+    model, ctx, expected = pair  # 4 LoRA modules
+    _randomise_lora(model, seed=5)
+    d = SafeLoRA()
+    d.prepare(model, ctx)
+    assert d.finalize(model)["projected"] == sorted(lora_modules(model))
+
+
 def test_safelora_rule_helpers_and_config():
     cos = {"a": 0.9, "b": 0.1, "c": None, "d": 0.4}
     assert select_layers(cos, 0.5, None) == ["b", "d"]
     assert select_layers(cos, None, 2) == ["b", "d"]
     assert select_layers(cos, None, 10) == ["a", "b", "d"]  # untrained layers (None) never selected
+    assert (SafeLoRAConfig().top_k, SafeLoRAConfig().threshold) == (10, None)  # authors' default: 10 layers
+    assert (SafeLoRAConfig(threshold=0.3).top_k, SafeLoRAConfig(threshold=0.3).threshold) == (None, 0.3)
+    assert (SafeLoRAConfig(top_k=3).top_k, SafeLoRAConfig(top_k=3).threshold) == (3, None)
     with pytest.raises(SafeFTError, match="exactly one of threshold"):
         SafeLoRAConfig(threshold=0.5, top_k=3)
     with pytest.raises(SafeFTError, match=r"defense\.safelora\.top_k: must be an integer ≥ 1"):
@@ -444,7 +520,7 @@ def test_lisa_alternates_on_schedule_and_swaps_batches():
 
 def test_lisa_proximal_pulls_toward_the_other_phase_state():
     model = _Toy()
-    d = Lisa(LisaConfig(align_steps=2, user_steps=3, rho=2.0))
+    d = Lisa(LisaConfig(align_steps=2, user_steps=3, rho=2.0, proximal_start_step=0))  # no warm-up
     d.prepare(model, _lisa_ctx())
     assert set(d.snapshot) == {"w"}  # trainable parameters only
     with torch.no_grad():
@@ -495,6 +571,87 @@ def test_lisa_warmup_state_round_trip_and_validation():
         LisaConfig(rho=-0.5)
     with pytest.raises(SafeFTError, match="needs alignment data"):
         Lisa().prepare(_Toy(), DefenseContext(tokenizer=None))
+    with pytest.raises(SafeFTError, match="one of proximal_warmup_fraction .* or proximal_start_step"):
+        LisaConfig(proximal_warmup_fraction=0.1, proximal_start_step=3)
+    with pytest.raises(
+        SafeFTError, match=r"defense\.lisa\.proximal_warmup_fraction: must be a number in \[0, 1\]"
+    ):
+        LisaConfig(proximal_warmup_fraction=1.5)
+    with pytest.raises(SafeFTError, match=r"defense\.lisa\.proximal_start_step: must be an integer ≥ 0"):
+        LisaConfig(proximal_start_step=-1)
+
+
+def test_lisa_default_proximal_warmup_is_the_authors_10_percent():
+    """git-disl/Lisa trainer.py: the term is added only when steps > 0.1 × total steps (0-based step counter)."""
+    cfg = LisaConfig()
+    assert (cfg.proximal_warmup_fraction, cfg.proximal_start_step) == (0.1, None)
+    explicit = LisaConfig(proximal_start_step=7)
+    assert (explicit.proximal_warmup_fraction, explicit.proximal_start_step) == (None, 7)
+    model = _Toy()
+    d = Lisa(LisaConfig(align_steps=100, user_steps=900))
+    d.prepare(model, _lisa_ctx())
+    with pytest.raises(SafeFTError, match="needs the run's total optimizer steps"):
+        d.loss_terms(model, {}, None)
+    d.set_total_steps(50)  # 10% = 5 steps: off at steps 0..5 (5 is not > 5), on from step 6
+    assert d.proximal_start() == 6
+    terms = []
+    for _ in range(10):
+        with torch.no_grad():
+            model.w.add_(1.0)  # the weights move away from the snapshot at every step
+        terms.append(d.loss_terms(model, {}, None)["lisa/proximal"].item())
+        d.after_step(model)  # alignment phase throughout: the snapshot stays at the start
+    assert terms[:6] == [0.0] * 6
+    assert all(t == pytest.approx(0.5 * 3 * (s + 1) ** 2) for s, t in enumerate(terms) if s >= 6)
+    for total, start in ((1, 1), (9, 1), (10, 2), (30, 4), (1000, 101)):
+        d.set_total_steps(total)
+        assert d.proximal_start() == start  # the first step s with s > 0.1 · total
+    d2 = Lisa(LisaConfig(proximal_start_step=2))  # explicit step override: no total needed
+    assert d2.proximal_start() == 2
+
+
+def test_lisa_trainer_run_has_no_proximal_term_in_the_first_10_percent(tmp_path):
+    """A real SafeTrainer run (tiny Llama, LoRA): the trainer gives max_steps at train begin; the logged term is 0 at
+    every step s ≤ 0.1 · 30 = 3 (0-based) and > 0 at every later step that is not the first of a phase."""
+    from helpers_models import make_tiny_model, make_tiny_tokenizer
+    from transformers import TrainingArguments
+
+    from safeft.data import CompletionCollator, tokenize_example
+    from safeft.models import setup_trainable
+    from safeft.trainer import SafeTrainer
+
+    tok = make_tiny_tokenizer()
+    words = ["the movie was great", "the movie was bad and boring", "what is the capital of france"]
+    rows = [tokenize_example(tok, Example(words[i % 3], "positive" if i % 2 else "negative"), max_length=64)
+            for i in range(8)]  # fmt: skip
+    align = [
+        Example(f"how do i bake bread {i}", "i cannot help with that request", kind="refusal")
+        for i in range(4)
+    ]
+    collator = CompletionCollator(tok)
+    ctx = DefenseContext(
+        tokenizer=tok,
+        alignment_examples=align,
+        collate=lambda exs: collator([tokenize_example(tok, e, max_length=64) for e in exs]),
+        seed=0,
+        use_lora=True,
+    )
+    model = setup_trainable(make_tiny_model(seed=0), method="lora", lora_r=4, lora_alpha=8)
+    (lisa,) = build_defenses("lisa", {"lisa": {"align_steps": 2, "user_steps": 3}})
+    lisa.prepare(model, ctx)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, learning_rate=1e-2, max_steps=30, logging_steps=1,
+        save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    tr = SafeTrainer(model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=tok,
+                     defenses=[lisa])  # fmt: skip
+    tr.train()
+    assert lisa.total_steps == 30 and lisa.proximal_start() == 4
+    term = {h["step"] - 1: h["lisa/proximal"] for h in tr.state.log_history if "lisa/proximal" in h}
+    assert sorted(term) == list(range(30))
+    # align 2 / user 3: the term is 0 at the first step of a phase (right after a switch)
+    first_of_phase = {s for s in range(30) if s % 5 in (0, 2)}
+    assert all(term[s] == 0.0 for s in range(4))  # steps 1 and 3 would be > 0 without the warm-up
+    assert all(term[s] > 0.0 for s in range(4, 30) if s not in first_of_phase)
 
 
 # ---- registry and composition -------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ class _DefenseCallback(TrainerCallback):
         # after accelerate/DeepSpeed wrapped the model and before the first step, on every process
         backend = self.trainer.sharding_backend()
         for d in self.trainer.defenses:
+            if state.max_steps and state.max_steps > 0:  # the run's optimizer steps (also on resume)
+                d.set_total_steps(int(state.max_steps))
             d.on_train_begin(self.trainer.model, backend)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):

@@ -8,8 +8,9 @@ A defense is plain SFT plus terms. The trainer calls, in order:
 3. for every micro-batch: ``transform_batch(model, inputs, step)`` (Lisa swaps in alignment batches), the task
    forward pass, then ``loss_terms(model, inputs, outputs)`` -> ``{name: weighted scalar}``; the trainer adds
    them to the task loss and logs each under its name;
-4. ``on_train_begin(model, backend)`` once the training engine has wrapped the model (DDP, FSDP2, DeepSpeed),
-   before the first step, on every rank: FSDP2 replaces every parameter by a sharded DTensor, so a defense that
+4. ``set_total_steps(n)`` then ``on_train_begin(model, backend)`` once the training engine has wrapped the model
+   (DDP, FSDP2, DeepSpeed), before the first step, on every rank: ``n`` is the run's total optimizer steps (Lisa's
+   proximal warm-up is a fraction of it); FSDP2 replaces every parameter by a sharded DTensor, so a defense that
    keeps parameter references takes them again here;
 5. ``after_step(model)`` after every optimizer step, on every rank (CWAC projects the weights here);
 6. ``finalize(model)`` once after training, on every rank (SafeLoRA projects here).
@@ -174,6 +175,10 @@ class Defense:
 
     def loss_terms(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> dict[str, torch.Tensor]:
         return {}
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's total optimizer steps (the trainer's ``max_steps``), given before ``on_train_begin``."""
+        return None
 
     def on_train_begin(self, model: torch.nn.Module, backend: str | None) -> None:
         """The model as the training engine wrapped it; ``backend`` is "fsdp2", "zero3" or None (parameters whole).

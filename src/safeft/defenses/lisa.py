@@ -10,7 +10,10 @@ Every step adds the proximal term
 
 where w_other is the snapshot of the trainable weights taken at the last phase switch (the end of the other phase;
 before the first switch, the weights at the start). Right after a switch the term is 0; its gradient ρ(w − w_other)
-pulls the weights back toward the other phase's state. ``transform_batch`` swaps in an alignment batch (cycled
+pulls the weights back toward the other phase's state. As in the authors' code the term is off during a warm-up:
+it is on at the 0-based optimizer step s only when s > ``proximal_warmup_fraction`` × (the run's total optimizer
+steps), 10% by default (git-disl/Lisa ``trainer.py``, ``LisaTrainer.training_step``); the total is given by the
+trainer at train begin (``set_total_steps``). ``transform_batch`` swaps in an alignment batch (cycled
 through a seeded shuffle, reshuffled every pass) during alignment phases; ``after_step`` counts steps and switches.
 The snapshot costs one copy of the trainable weights (small for LoRA, the model's size for full fine-tuning).
 
@@ -22,6 +25,7 @@ module's forward, where ZeRO-3 holds only empty partitions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +44,10 @@ from safeft.defenses.base import (
 from safeft.errors import SafeFTError
 
 ALIGN, USER = "align", "user"
+# The authors switch the proximal term on only after 10% of all steps (git-disl/Lisa trainer.py,
+# LisaTrainer.training_step: `if self.steps > 0.1 * len(self.get_train_dataloader()) * self.args.num_train_epochs`;
+# their comment: the term hurts convergence early on, seen on GSM8K).
+DEFAULT_PROXIMAL_WARMUP_FRACTION = 0.1
 
 
 def _rank_world() -> tuple[int, int]:
@@ -51,21 +59,36 @@ def _rank_world() -> tuple[int, int]:
 @dataclass
 class LisaConfig(DefenseConfig):
     """align_steps ≥ 1 / user_steps ≥ 1: phase lengths in optimizer steps (authors 100 / 900; scale both down for
-    short runs so that several cycles happen). rho ≥ 0: proximal weight ρ (authors 1). proximal_start_step ≥ 0:
-    optimizer steps before the proximal term switches on (authors: 10% of all steps; 0 = from the start).
-    batch_size ≥ 1: alignment batch size (None: the task micro-batch's size)."""
+    short runs so that several cycles happen). rho ≥ 0: proximal weight ρ (authors 1). The proximal warm-up, one
+    of: proximal_warmup_fraction ∈ [0, 1], the term is on at 0-based step s only when s > fraction × total optimizer
+    steps (authors: 0.1, the default when neither is set); proximal_start_step ≥ 0, on from that step on (0 = from
+    the start). batch_size ≥ 1: alignment batch size (None: the task micro-batch's size)."""
 
     align_steps: int = 100
     user_steps: int = 900
     rho: float = 1.0
-    proximal_start_step: int = 0
+    proximal_warmup_fraction: float | None = None
+    proximal_start_step: int | None = None
     batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        for f, lo in (("align_steps", 1), ("user_steps", 1), ("proximal_start_step", 0)):
+        for f, lo in (("align_steps", 1), ("user_steps", 1)):
             check_int("lisa", f, getattr(self, f), lo)
         check_int("lisa", "batch_size", self.batch_size, 1, none_ok=True)
         self.rho = check_number("lisa", "rho", self.rho, lo=0, note="(authors use 1.0)")
+        if self.proximal_warmup_fraction is not None and self.proximal_start_step is not None:
+            raise SafeFTError(
+                "defense.lisa: set one of proximal_warmup_fraction (a fraction of the run's steps, authors 0.1) or "
+                "proximal_start_step (an optimizer step), not both"
+            )
+        if self.proximal_start_step is not None:
+            check_int("lisa", "proximal_start_step", self.proximal_start_step, 0)
+        else:
+            if self.proximal_warmup_fraction is None:
+                self.proximal_warmup_fraction = DEFAULT_PROXIMAL_WARMUP_FRACTION
+            self.proximal_warmup_fraction = check_number(
+                "lisa", "proximal_warmup_fraction", self.proximal_warmup_fraction, lo=0, hi=1
+            )
 
 
 @register_defense
@@ -99,6 +122,7 @@ class Lisa(Defense):
         self._order: list[int] | None = None
         self._order_epoch = -1
         self._loaded = False
+        self.total_steps: int | None = None  # the run's optimizer steps (set_total_steps), for the warm-up
 
     # ---- setup ---------------------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, ctx: DefenseContext) -> None:
@@ -174,6 +198,23 @@ class Lisa(Defense):
         return {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in batch.items()}
 
     # ---- loss and schedule -------------------------------------------------------------------------------------
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's total optimizer steps (the trainer's ``max_steps``), which the warm-up fraction applies to."""
+        check_int("lisa", "total steps", total_steps, 1)
+        self.total_steps = int(total_steps)
+
+    def proximal_start(self) -> int:
+        """First 0-based optimizer step at which the proximal term is on. With the warm-up fraction f and T total
+        steps: the first s with s > f·T (the authors' strict comparison), i.e. ⌊f·T⌋ + 1."""
+        if self.config.proximal_start_step is not None:
+            return self.config.proximal_start_step
+        if self.total_steps is None:
+            raise SafeFTError(
+                "defense lisa: proximal_warmup_fraction needs the run's total optimizer steps, which the trainer "
+                "gives at train begin; outside SafeTrainer call set_total_steps(n) or set proximal_start_step"
+            )
+        return math.floor(self.config.proximal_warmup_fraction * self.total_steps) + 1
+
     def proximal(self) -> torch.Tensor:
         """Σ_trainable ‖w − w_other‖² (float32 scalar, differentiable in w)."""
         total: torch.Tensor | None = None
@@ -186,7 +227,7 @@ class Lisa(Defense):
     def loss_terms(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> dict[str, torch.Tensor]:
         if not self._params:
             raise SafeFTError("defense lisa: prepare() was not called before training")
-        if self.config.rho == 0.0 or self.global_step < self.config.proximal_start_step:
+        if self.config.rho == 0.0 or self.global_step < self.proximal_start():
             device = next(iter(self._params.values())).device
             return {"lisa/proximal": torch.zeros((), device=device)}
         return {"lisa/proximal": 0.5 * self.config.rho * self.proximal()}

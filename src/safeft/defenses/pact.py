@@ -70,6 +70,12 @@ _LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale",
 # config
 
 
+# θ_b's prompt in the offline step, exactly the authors' (Glresearch1/PACT compute_safety_tokens/
+# compute_safety_tokens_pact.py: `base_prompt += f"User: {m.get('content', '')}\n\n"` then `+= "Assistant: "`, two
+# newlines; the same text as the chat template they set on the base tokenizer).
+BASE_PROMPT_FORMAT = "User: {prompt}\n\nAssistant: "
+
+
 @dataclass
 class PACTConfig(DefenseConfig):
     """PACT settings (defaults: the paper and the authors' README).
@@ -77,7 +83,8 @@ class PACTConfig(DefenseConfig):
     k: number of safety tokens S. n_pairs: refusal pairs used offline. response_tokens: tokens of each refusal
     teacher-forced offline. lam: weight λ of the KL term. T: distillation temperature. alpha, b: gate slope and
     bias. N, tau: gate stays undamped for the first N response tokens, then decays with time constant tau.
-    base_prompt_format: prompt for θ_b offline; ``{prompt}`` is replaced by the harmful prompt.
+    base_prompt_format: prompt for θ_b offline; ``{prompt}`` is replaced by the harmful prompt (default: the
+    authors' ``"User: {prompt}\\n\\nAssistant: "``, two newlines).
     """
 
     k: int = 50
@@ -89,7 +96,7 @@ class PACTConfig(DefenseConfig):
     b: float = 0.0
     N: int = 8
     tau: float = 8.0
-    base_prompt_format: str = "User: {prompt}\nAssistant: "
+    base_prompt_format: str = BASE_PROMPT_FORMAT
 
     def __post_init__(self) -> None:
         for name in ("k", "n_pairs", "response_tokens"):
@@ -105,7 +112,7 @@ class PACTConfig(DefenseConfig):
                 "pact",
                 "base_prompt_format",
                 self.base_prompt_format,
-                "a string containing '{prompt}', e.g. 'User: {prompt}\\nAssistant: '",
+                "a string containing '{prompt}', e.g. 'User: {prompt}\\n\\nAssistant: '",
             )
 
 
@@ -308,7 +315,7 @@ def compute_safety_tokens(
     k: int,
     response_tokens: int,
     template: str = "chat",
-    base_prompt_format: str = "User: {prompt}\nAssistant: ",
+    base_prompt_format: str = BASE_PROMPT_FORMAT,
     batch_size: int = _OFFLINE_BATCH,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """PACT's offline step: safety tokens S and their weights w from θ₀ (``reference``) and θ_b (``base``).

@@ -4,8 +4,10 @@ arXiv 2405.16833).
 
 After training, per LoRA module: V = W(θ₀) − W(θ_b), Ĉ = V Vᵀ / ‖V‖_F (the paper's fast approximation of the
 projection onto the alignment matrix; not an exact projector), ΔW = (α/r)·B A, and the similarity
-cos(ĈΔW, ΔW) = ⟨ĈΔW, ΔW⟩_F / (‖ĈΔW‖_F ‖ΔW‖_F). The layers selected by the rule (cos < ``threshold``, or the
-``top_k`` least similar) get ΔW ← ĈΔW, done by B ← Ĉ B (then (α/r)·(ĈB)A = ĈΔW exactly); the others are untouched.
+cos(ĈΔW, ΔW) = ⟨ĈΔW, ΔW⟩_F / (‖ĈΔW‖_F ‖ΔW‖_F). The layers selected by the rule (the ``top_k`` least similar,
+by default the authors' 10; or cos < ``threshold``) get ΔW ← ĈΔW, done by B ← Ĉ B (then (α/r)·(ĈB)A = ĈΔW
+exactly); the others are untouched. A "layer" is one LoRA-targeted module (as in the authors' code), so a Llama
+with q/v targets has two per transformer block.
 
 No d_out × d_out or d_out × d_in matrix is built: with P = Ĉ B = V (Vᵀ B)/‖V‖_F (``[d_out, r]``) and G = A Aᵀ
 (``[r, r]``), ⟨P A, B A⟩ = Σ (PᵀB ⊙ G), ‖P A‖² = Σ (PᵀP ⊙ G), ‖B A‖² = Σ (BᵀB ⊙ G); the α/r factor cancels.
@@ -41,7 +43,10 @@ from safeft.defenses.base import (
 )
 from safeft.errors import SafeFTError
 
-DEFAULT_THRESHOLD = 0.5
+# The authors' default rule (IBM/SafeLoRA config.py: select_layers_type="number", num_proj_layers=10): project the
+# 10 least similar LoRA modules. Their threshold (0.5) applies only in threshold mode; with a low-rank V every
+# cosine of an unrelated update is ~√(rank V / d_out) < 0.5, so a τ = 0.5 default projected every layer.
+DEFAULT_TOP_K = 10
 
 
 def projected_b_and_cosine(
@@ -79,8 +84,9 @@ def select_layers(cosines: dict[str, float | None], threshold: float | None, top
 
 @dataclass
 class SafeLoRAConfig(DefenseConfig):
-    """Exactly one rule: ``threshold`` τ ∈ [-1, 1] (project layers with cos < τ) or ``top_k`` ≥ 1 (project the k
-    least similar layers). Neither given: threshold 0.5."""
+    """Exactly one rule: ``top_k`` ≥ 1 (project the k least similar layers; all of them when there are fewer) or
+    ``threshold`` τ ∈ [-1, 1] (project layers with cos < τ). Neither given: top_k = 10, the authors' default
+    (IBM/SafeLoRA ``config.py``, ``num_proj_layers``)."""
 
     threshold: float | None = None
     top_k: int | None = None
@@ -90,12 +96,12 @@ class SafeLoRAConfig(DefenseConfig):
             raise SafeFTError(
                 "defense.safelora: set exactly one of threshold (cos < τ, τ in [-1, 1]) or top_k (k ≥ 1), not both"
             )
-        if self.top_k is not None:
-            check_int("safelora", "top_k", self.top_k, 1)
-        else:
-            if self.threshold is None:
-                self.threshold = DEFAULT_THRESHOLD
+        if self.threshold is not None:
             self.threshold = check_number("safelora", "threshold", self.threshold, lo=-1, hi=1)
+        else:
+            if self.top_k is None:
+                self.top_k = DEFAULT_TOP_K
+            check_int("safelora", "top_k", self.top_k, 1)
 
 
 @register_defense
