@@ -152,4 +152,4 @@ def test_defenses_all_runs_every_peer_and_default_runs_sft_cwac_and_two_peers(fa
     assert seen == demo.ALL_ORDER
     seen.clear()
     demo.run_demo(str(tmp_path / "b"), log=lambda *a: None)
-    assert seen == demo.DEFAULT_ORDER == ["sft", "cwac", "safelora", "lisa"]
+    assert seen == demo.DEFAULT_ORDER == ["sft", "cwac", "lisa"]

@@ -435,9 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rebuild summary.json, results.md and pareto.png from finished cells (no training)")
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("demo", help="offline demo: align SmolLM2-135M, fine-tune with SFT, CWAC and two peers, print HS/FA")
+    s = sub.add_parser("demo", help="offline demo: align SmolLM2-135M, fine-tune with SFT, CWAC and Lisa, print HS/FA")
     s.add_argument("--out", default="runs/demo", help="output dir")
-    s.add_argument("--defenses", default=None, help="comma-separated defenses (default: sft,cwac,safelora,lisa; 'all': also pact, asft, safeinstr)")
+    s.add_argument("--defenses", default=None, help="comma-separated defenses (default: sft,cwac,lisa; 'all': also pact, asft, safelora, safeinstr)")
     s.add_argument("--fresh", action="store_true", help="ignore cached demo runs (the aligned model stays cached)")
     s.set_defaults(func=cmd_demo)
 

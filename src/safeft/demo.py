@@ -65,17 +65,19 @@ DEMO_DEFENSE_OPTIONS: dict[str, dict[str, Any]] = {
     "pact": {"n_pairs": 57},
 }
 
-# What `safeft demo` runs: θ₀, plain SFT, CWAC and two peers — inside the first-run budget (alignment ≈ 6 min once,
-# each fine-tune + evaluation ≈ 1.5 min on 2 CPU cores). `--defenses all` runs every defense of ALL_ORDER
-# (≈ 8 more minutes); any registered defense can be named.
-DEFAULT_ORDER = ["sft", "cwac", "safelora", "lisa"]
+# What `safeft demo` runs: θ₀, plain SFT, CWAC and one peer (Lisa, one of CWAC's Table 1 baselines), inside the
+# 15-minute first-run budget on 2 CPU cores (2026-12-01: alignment 6.2 min once; θ₀'s evaluation 0.5 min; each
+# fine-tune + evaluation 1.5 min, CWAC 3.7 min with its prepare). With a second peer the first run took 15.3 min.
+# `--defenses all` runs every defense of ALL_ORDER (≈ 6 more minutes); any registered defense can be named.
+DEFAULT_ORDER = ["sft", "cwac", "lisa"]
 ALL_ORDER = ["sft", "cwac", "pact", "asft", "safelora", "safeinstr", "lisa"]
 
-# Seconds each stage took in a first run on 2 CPU cores (fp32; `safeft demo --fresh` in an empty cache,
-# 2026-12-01). Only their ratios matter: the estimate scales them by how fast this machine has been so far.
+# Seconds each stage took in a first run on 2 CPU cores (fp32; `safeft demo` in an empty cache, 2026-12-01; align
+# includes converting the GGUF and the alignment check). Only their ratios matter: the estimate scales them by how
+# fast this machine has been so far.
 STAGE_SECONDS: dict[str, float] = {
-    "align": 250.0, "eval": 28.0,
-    "sft": 50.0, "cwac": 150.0, "pact": 90.0, "asft": 52.0, "safelora": 47.0, "safeinstr": 50.0, "lisa": 45.0,
+    "align": 370.0, "eval": 29.0,
+    "sft": 61.0, "cwac": 192.0, "pact": 107.0, "asft": 67.0, "safelora": 75.0, "safeinstr": 64.0, "lisa": 69.0,
 }
 
 
