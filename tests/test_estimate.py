@@ -58,6 +58,22 @@ def test_cwac_counts_one_v_per_distinct_input_and_w0v_for_full_ft():
     assert mid["V"] == p["V"] // 2
 
 
+
+def test_salora_counts_its_fixed_tensors_and_hook_flops():
+    m = est.PRESETS["llama-3-8b"]
+    s = est.Setting(lora_r=8, salora_rank=32, lora_targets=("q_proj", "v_proj"))
+    p = est.salora_parts(m, s)
+    h, kv = m.hidden, m.kv_heads * m.hd  # q_proj: h -> h, v_proj: h -> kv
+    assert p["V_s"] == m.layers * 32 * (h + kv)  # V_s [d_out, r_s] per module
+    assert p["init"] == m.layers * 8 * ((h + h) + (h + kv))  # A₀ [r, d_in] + C B₀ [d_out, r] per module
+    # C on the branch output (8·d_out·r_s) + the init term (4·r·(d_in + d_out)), fwd + bwd, per token
+    assert p["flops_per_token"] == m.layers * (8 * 32 * (h + kv) + 4 * 8 * (h + h + h + kv))
+    e = est.estimate(m, "salora", s)
+    assert e.artifact_bytes == 4 * p["V_s"] and e.train_extra_bytes == 4 * (p["V_s"] + p["init"])
+    assert 1.0 < e.step_ratio < 1.2
+    assert 1.0 < est.estimate(m, "salora", est.Setting()).prepare_seconds < 60  # an 8B on an H200: seconds
+    assert est.estimate(m, "salora", est.Setting(method="full")).notes[0].startswith("LoRA only")
+
 def test_sharding_divides_what_is_sharded_only():
     m = est.PRESETS["llama-3-70b"]
     one = est.estimate(m, "cwac", est.Setting(method="full", gpus=8, fsdp=False))

@@ -81,9 +81,12 @@ def _lora_model(seed: int = 0):
     )
 
 
-def _pair(tmp_path, trl_kwargs: dict, safe_defenses: list[Defense], model_fn=_lora_model, **args_kw):
+def _pair(
+    tmp_path, trl_kwargs: dict, safe_defenses: list[Defense], model_fn=_lora_model, ref_setup=None, **args_kw
+):
     """The same run through SafeSFTTrainer and SafeTrainer: SafeTrainer gets TRL's tokenised dataset and collator,
-    so both see the same batches; returns the two trainers after training."""
+    so both see the same batches; ``ref_setup(trl_trainer)`` runs before SafeTrainer is built (to prepare its
+    defenses on TRL's rows); returns the two trainers after training."""
     tok = make_tiny_tokenizer()
     trl_kwargs = dict(trl_kwargs)
     ref_model = trl_kwargs.pop("_ref_model", None)
@@ -95,6 +98,8 @@ def _pair(tmp_path, trl_kwargs: dict, safe_defenses: list[Defense], model_fn=_lo
         **trl_kwargs,
     )
     rows = trl_tr.train_dataset.select_columns(["input_ids", "labels"])  # TRL's tokens and masked labels
+    if ref_setup is not None:
+        ref_setup(trl_tr)
     ref = SafeTrainer(
         model=ref_model or model_fn(),
         args=_args(tmp_path / "ref", remove_unused_columns=False, **args_kw),
@@ -191,6 +196,96 @@ def test_loss_term_defense_by_name_same_weights_as_safetrainer(tmp_path):
     assert "mean_token_accuracy" in logged[0]  # TRL's fused loss path: its metrics are kept
     ref_pen = [h["asft/penalty"] for h in ref.state.log_history if "asft/penalty" in h]
     assert [h["asft/penalty"] for h in logged] == pytest.approx(ref_pen, rel=1e-4)
+
+
+def _demo_settings(tmp_path, aligned) -> dict:
+    return {
+        "model.aligned": str(aligned),
+        "data.harmful_source": "demo",
+        "eval.harmful_source": "demo",
+        "artifacts_dir": str(tmp_path / "art"),
+    }
+
+
+# The losses of the two trainers agree to float32 rounding (TRL's loss path vs the model's); Adam's step divides by
+# √v, so where a gradient is ~0 (q_proj's, on a random model) that rounding moves one weight by up to ~1e-5, where a
+# frozen block or a missing hook moves weights by ~lr = 1e-2
+ADAM_ATOL = 5e-5
+SALORA_FAST = {"safety_rank": 4, "task_rank": 4, "n_safety": 16, "n_task": 8, "niter": 2, "batch_size": 8}
+
+
+def test_salora_by_name_same_weights_as_safetrainer_and_finalize_saves_the_trained_model(tmp_path):
+    """SaLoRA under TRL: its task-specific init from TRL's tokenised rows (use_tokenised_data), the fixed projection
+    and init-term hooks in TRL's steps; finalize_defenses() folds into a plain rank-2r LoRA that save_model writes
+    and PeftModel reloads on θ₀ to the trained logits."""
+    from peft import PeftModel
+
+    aligned, _ = _perturbed_base(tmp_path)
+    settings = _demo_settings(tmp_path, aligned)
+    ref_model = _lora_model()
+    (ref_def,) = build_defenses("salora", {"salora": SALORA_FAST})
+
+    def ref_setup(trl_tr):  # SafeTrainer's SaLoRA sees the same task rows, collated the same way
+        ref_def.use_tokenised_data(trl_tr.train_dataset, trl_tr.data_collator)
+        ref_def.prepare(ref_model, defense_context(ref_model, make_tiny_tokenizer(), settings))
+
+    trl_tr, ref = _pair(
+        tmp_path,
+        {"defense": "salora", "defense_config": SALORA_FAST, "defense_context": settings, "_ref_model": ref_model},
+        [ref_def],
+        ref_setup=ref_setup,
+    )
+    (d,) = trl_tr.defenses
+    for n, f in d.fixed.items():  # task init ran (A₀, C B₀ kept) on the same rows as SafeTrainer's
+        assert f.a0 is not None and f.b0c.abs().sum() > 0
+        for t, t_ref in ((f.v, ref_def.fixed[n].v), (f.a0, ref_def.fixed[n].a0), (f.b0c, ref_def.fixed[n].b0c)):
+            torch.testing.assert_close(t, t_ref, atol=1e-6, rtol=1e-5)
+    _assert_same_weights(trl_tr, ref, atol=ADAM_ATOL)
+
+    ids = torch.randint(8, 200, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        trained = trl_tr.model(input_ids=ids).logits
+    summary = trl_tr.finalize_defenses()["salora"]
+    assert summary["lora_rank_saved"] == 8 and summary["salora_max_relative_leak"] < 1e-5
+    trl_tr.save_model()
+    reloaded = PeftModel.from_pretrained(make_tiny_model(seed=0, num_hidden_layers=4), trl_tr.args.output_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained, atol=1e-5, rtol=1e-4)
+
+
+def test_salora_task_init_refuses_packed_rows(tmp_path):
+    aligned, _ = _perturbed_base(tmp_path)
+    with pytest.raises(SafeFTError, match="'salora' reads your training examples one by one.*packing=False"):
+        _trainer(
+            tmp_path,
+            args=_args(tmp_path / "p", packing=True),
+            defense="salora",
+            defense_config=SALORA_FAST,
+            defense_context=_demo_settings(tmp_path, aligned),
+        )
+
+
+def test_sppft_explicit_layers_same_weights_as_safetrainer(tmp_path):
+    """SPPFT with explicit ``layers`` (a random model has no safety-layer signal to search): blocks 1-2 frozen in
+    prepare, before TRL builds its optimizer; their adapters stay at θ₀, the others train, as under SafeTrainer."""
+    quiet = {"layers": [1, 2]}
+    ref_model = _lora_model()
+    (ref_def,) = build_defenses("sppft", {"sppft": quiet})
+    ref_def.log = lambda *_a: None
+    ctx = DefenseContext(tokenizer=make_tiny_tokenizer(), use_lora=True)
+    ref_def.prepare(ref_model, ctx)
+    trl_tr, ref = _pair(
+        tmp_path,
+        {"defense": "sppft", "defense_config": quiet, "defense_context": ctx, "_ref_model": ref_model},
+        [ref_def],
+    )
+    _assert_same_weights(trl_tr, ref, atol=ADAM_ATOL)
+    start = dict(_lora_model().named_parameters())
+    for n, p in trl_tr.model.named_parameters():
+        if "lora_B" in n:
+            frozen = ".layers.1." in n or ".layers.2." in n
+            assert torch.equal(p, start[n]) == frozen, n
+    assert trl_tr.finalize_defenses()["sppft"]["trainable_in_safety_layers"] == 0
 
 
 VOCAB = sorted({w for s in SENTENCES for w in s.split()})

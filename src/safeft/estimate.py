@@ -247,7 +247,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # modules that read the same input (one V each group, after the CWAC rework)
 INPUT_GROUPS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out"}
 INPUT_GROUPS.update({"gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"})
-DEFENSES = ("sft", "cwac", "asft", "pact", "safelora", "safeinstr", "lisa", "sppft")
+DEFENSES = ("sft", "cwac", "asft", "pact", "safelora", "safeinstr", "lisa", "sppft", "salora")
 
 
 @dataclass
@@ -276,6 +276,9 @@ class Setting:
     pact_pairs: int = 512
     pact_tokens: int = 128  # prompt + 64 response tokens of each refusal pair
     safeinstr_fraction: float = 0.1
+    salora_rank: int = 32  # safety_rank r_s = task_rank r_t (authors' --rs 32 --ds 32)
+    salora_n: int = 128  # n_safety = n_task examples of the feature captures
+    salora_niter: int = 30  # power iterations of each svd_lowrank
     hardware: str = "h200"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -309,6 +312,21 @@ def cwac_parts(m: ModelDims, s: Setting) -> dict[str, float]:
     sae = s.sae_layers * (2 * width * m.hidden + width + m.hidden)
     base = s.sae_layers * max(1, int(0.2 * s.n_anchor)) * s.n_positions * s.n_features
     return {"V": v, "W0V": w0v, "SAE": sae, "baselines": base, "modules": n_layers * len(trained)}
+
+
+def salora_parts(m: ModelDims, s: Setting) -> dict[str, float]:
+    """SaLoRA's fixed float32 tensors (element counts) and its extra FLOPs per task token, over the LoRA modules:
+    V_s ``[d_out, r_s]`` (the cached artifact), A₀ ``[r, d_in]`` and C B₀ ``[d_out, r]`` (the task init); per token,
+    fwd + bwd, C on the LoRA branch output (u − V_s(V_sᵀu): 2 matmuls of d_out·r_s each way) and the init term
+    s·C B₀ A₀ x (2 matmuls of r·(d_in + d_out) each way; A₀, C B₀ frozen: x's gradient only)."""
+    shapes = [sh for p, sh in m.module_shapes().items() if p in s.lora_targets]
+    r, rs = s.lora_r, s.salora_rank
+    return {
+        "V_s": m.layers * sum(d_out * rs for d_out, _ in shapes),
+        "init": m.layers * sum(r * (d_in + d_out) for d_out, d_in in shapes),
+        "flops_per_token": m.layers * sum(8.0 * d * rs + 4.0 * r * (i + d) for d, i in shapes),
+        "modules": m.layers * len(shapes),
+    }
 
 
 def _flops_per_token(m: ModelDims, s: Setting) -> float:
@@ -404,6 +422,35 @@ def estimate(m: ModelDims, defense: str, s: Setting, cost: CostModel = COST) -> 
     elif defense == "sppft":  # one forward of 2 × 100 prompts (~64 tokens) to locate the blocks, then frozen blocks
         e.prepare_seconds = 2.0 * m.params * 200 * 64 / (hw.tflops * 1e12)
         e.notes.append("frozen safety layers: no extra memory; a step costs at most plain SFT's")
+    elif defense == "salora":
+        if s.method != "lora":
+            e.notes.append("LoRA only (refused with --method full)")
+        if s.fsdp:
+            e.notes.append("refused under FSDP2/ZeRO-3 (finalize rewrites whole LoRA factors)")
+        p = salora_parts(m, s)
+        e.parts = p
+        e.artifact_bytes = ab * p["V_s"]  # cached per θ₀; A₀, C B₀ are per run (in the checkpoint's state)
+        e.train_extra_bytes = ab * (p["V_s"] + p["init"])  # replicated; the hooks save no activations
+        # step: the hooks' FLOPs + ~16 small kernels per module (two hooks, fwd + bwd; CWAC's after_step is ~4)
+        hooks = p["flops_per_token"] * s.batch_size * s.seq_len / (hw.tflops * 1e12)
+        e.step_ratio = 1.0 + (hooks + 4 * hw.per_module_step_s * p["modules"]) / step
+        # prepare: θ₀ forwards over n safety pairs (pact_tokens, 64 of them response) and n task examples (seq_len),
+        # rows X at the response tokens; per module Y = X W₀ᵀ and svd_lowrank(Y, k, niter) for V_s and V_t, and
+        # svd_lowrank(W₀, r); each power iteration also costs a few small kernels (QR)
+        n_rows = s.salora_n * (64 + s.seq_len * cost.response_fraction)
+        it = 2.0 * s.salora_niter + 2.0  # products with Y or Yᵀ in one svd_lowrank
+        svd = m.layers * sum(
+            2.0 * n_rows * d_out * (d_in + it * s.salora_rank) + it * 2.0 * d_out * d_in * s.lora_r
+            for d_out, d_in in targets.values()
+        )
+        fwd = 2.0 * m.params * s.salora_n * (s.pact_tokens + s.seq_len)
+        kernels = 3 * (s.salora_niter + 1) * hw.per_module_step_s * p["modules"]
+        e.prepare_seconds = (fwd + svd) / (hw.tflops * 1e12) + kernels
+        # captured float32 task rows, in passes of ≤ 2 GiB (_salora_features.ROWS_BUDGET_BYTES), + one module's Y
+        task_rows = s.salora_n * s.seq_len * cost.response_fraction
+        rows = 4.0 * task_rows * m.layers * sum(d_in for _, d_in in targets.values())
+        e.prepare_peak_bytes = min(rows, 2 * 2**30) + 4.0 * task_rows * max(d for d, _ in targets.values())
+        e.notes.append(f"saves a rank-{2 * s.lora_r} LoRA (C and the init term folded in)")
     elif defense == "safeinstr":
         e.step_ratio = 1.0
         e.notes.append(

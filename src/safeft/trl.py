@@ -23,7 +23,7 @@ trains). Named defenses are built from ``defense_config`` (that defense's option
 composition) and prepared here, once the trainer has built the model (peft-wrapped when ``peft_config`` is given),
 with ``defense_context``: a :class:`~safeft.defenses.base.DefenseContext`, or a dict of run-config keys from which
 it is built as ``safeft train`` builds it (see :func:`defense_context`). Defenses that compute artifacts from the
-aligned model θ₀ (cwac, pact, asft, safelora) or need alignment data (lisa) need it; sft does not.
+aligned model θ₀ (cwac, pact, asft, safelora, salora, sppft) or need alignment data (lisa) need it; sft does not.
 
 ``trl`` is imported only here, when ``SafeSFTTrainer`` is first used.
 """
@@ -181,7 +181,7 @@ def _sft_trainer_class():
 
         def _refuse_unsupported(self, defenses: list[Defense]) -> None:
             for d in defenses:
-                if _overrides(d, "modify_dataset"):
+                if _overrides(d, "modify_dataset") and not _overrides(d, "use_tokenised_data"):
                     raise SafeFTError(
                         f"defense {d.name!r} changes the training examples before tokenisation, which SFTTrainer "
                         f"does itself: add its examples to your train_dataset (for safeinstr: harmful prompt → "
@@ -215,7 +215,20 @@ def _sft_trainer_class():
             # multi-process: rank 0 computes and caches the artifacts first, the others then load them
             with self.args.main_process_first(local=False, desc="defense prepare"):
                 for d in defenses:
+                    if _overrides(d, "use_tokenised_data"):  # SaLoRA's task init reads the training rows
+                        d.use_tokenised_data(self.train_dataset, self._rows_collate(d.name))
                     d.prepare(self.model, ctx)
+
+        def _rows_collate(self, name: str):
+            def collate(rows: list[dict]) -> dict:
+                if self.args.packing or self.args.padding_free:
+                    raise SafeFTError(
+                        f"defense {name!r} reads your training examples one by one, which packed / padding-free "
+                        f"rows do not separate: set packing=False and padding_free=False"
+                    )
+                return self.data_collator(rows)
+
+            return collate
 
         def task_loss(self, model, inputs, num_items_in_batch, return_outputs: bool):
             """TRL's loss (fused LM head: no logits; ``loss_terms`` get ``outputs=None``), or, when a defense reads

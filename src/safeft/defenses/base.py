@@ -2,7 +2,8 @@
 
 A defense is plain SFT plus terms. The trainer calls, in order:
 
-1. ``modify_dataset(examples, ctx)`` once, before tokenisation (SafeInstr mixes refusals in here);
+1. ``modify_dataset(examples, ctx)`` once, before tokenisation (SafeInstr mixes refusals in here; SaLoRA keeps
+   them); under TRL, ``use_tokenised_data(rows, collate)`` instead, for a defense that only reads them;
 2. ``prepare(model, ctx)`` once, before the first step, with the trainable model (peft-wrapped for LoRA): load or
    compute cached artifacts, build frozen references, check requirements. Fail here, never mid-run;
 3. for every micro-batch: ``transform_batch(model, inputs, step)`` (Lisa swaps in alignment batches), the task
@@ -160,6 +161,12 @@ class Defense:
     # ---- hooks -------------------------------------------------------------------------------------------
     def modify_dataset(self, examples: list[Any], ctx: DefenseContext) -> list[Any]:
         return examples
+
+    def use_tokenised_data(self, rows: Any, collate: Callable[[list[Any]], dict]) -> None:
+        """Under a trainer that tokenises the data itself (TRL's ``SFTTrainer``), called before ``prepare`` in place of
+        ``modify_dataset`` for a defense that only reads the training data: ``rows`` (a sized, indexable dataset of
+        tokenised rows) and ``collate`` (rows -> batch with ``input_ids``, ``attention_mask``, ``labels`` -100 off the
+        trained tokens). A defense whose ``modify_dataset`` changes the examples leaves this alone (TRL refuses it)."""
 
     def prepare(self, model: torch.nn.Module, ctx: DefenseContext) -> None:
         if self.needs_base_model and not ctx.base_model_path:

@@ -119,7 +119,8 @@ class SaLoRA(Defense):
         self.fixed: dict[str, _Fixed] = {}
         self._modules: dict[str, nn.Module] = {}
         self._handles: list[Any] = []
-        self._task_examples: list[Any] = []
+        self._task_examples: Any = []  # Examples (pipeline) or tokenised rows (TRL)
+        self._task_collate: Any = None  # None: ctx.collate (Examples)
         self._pending_state: dict[str, torch.Tensor] = {}
         self.folded = False
 
@@ -127,7 +128,13 @@ class SaLoRA(Defense):
     def modify_dataset(self, examples: list[Any], ctx: DefenseContext) -> list[Any]:
         """Keep the user's training data (unchanged) for the task-specific initialisation."""
         self._task_examples = list(examples)
+        self._task_collate = None
         return examples
+
+    def use_tokenised_data(self, rows: Any, collate: Any) -> None:
+        """Under TRL: its tokenised training rows and collator, for the task-specific initialisation."""
+        self._task_examples = rows
+        self._task_collate = collate
 
     def _safety_pairs(self, ctx: DefenseContext) -> list[tuple[str, str]]:
         from safeft.data import normalize_text
@@ -243,15 +250,15 @@ class SaLoRA(Defense):
     @torch.no_grad()
     def _task_init(self, m: nn.Module, mods: dict[str, nn.Module], ctx: DefenseContext) -> dict[str, Any]:
         """Set every LoRA's A, B to the task-specific A₀, B₀ and keep A₀ and C B₀ frozen."""
-        if not self._task_examples:
+        if not len(self._task_examples):
             raise SafeFTError(
                 "defense 'salora' needs the task data for its task-specific initialisation (passed through "
                 "modify_dataset by the pipeline); set defense.salora.task_init: false to train without it"
             )
-        exs = list(self._task_examples)
-        if len(exs) > self.config.n_task:
-            exs = random.Random(ctx.seed).sample(exs, self.config.n_task)
-        batches = response_batches(ctx.collate, exs, self.config.batch_size)
+        data, n = self._task_examples, len(self._task_examples)
+        idx = range(n) if n <= self.config.n_task else random.Random(ctx.seed).sample(range(n), self.config.n_task)
+        exs = [data[i] for i in idx]
+        batches = response_batches(self._task_collate or ctx.collate, exs, self.config.batch_size)
         weights = {n: base_weight(mod) for n, mod in mods.items()}
         n_rows = int(sum(int(b["select"].sum()) for b in batches))
         ranks = {n: min(self.config.task_rank, int(w.shape[0]), n_rows) for n, w in weights.items()}
