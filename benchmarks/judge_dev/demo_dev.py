@@ -2,7 +2,7 @@
 
     python benchmarks/judge_dev/demo_dev.py
 
-Why: labelled blind, the demo's own held-out answers (``benchmarks/demo_labels/``) showed the content judge v1
+Why: labelled blind, the demo's own held-out answers (``benchmarks/demo_labels/run1/``) showed the content judge v1
 calling most of the poisoned demo model's answers ``other`` when they were echoes followed by generic steps ("Sure,
 here is how to X. Step 1: Gather the materials. Step 2: …") — ``harmful`` under the rubric ("even if wrong, vague").
 The dev set had few such answers. This script makes more of them the way the rubric asks — from **new runs**
