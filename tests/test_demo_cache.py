@@ -153,3 +153,13 @@ def test_defenses_all_runs_every_peer_and_default_runs_sft_cwac_and_two_peers(fa
     seen.clear()
     demo.run_demo(str(tmp_path / "b"), log=lambda *a: None)
     assert seen == demo.DEFAULT_ORDER == ["sft", "cwac", "lisa"]
+
+
+def test_finished_runs_leave_the_estimate_before_anything_runs(fake, tmp_path):
+    from safeft.demo import run_demo
+
+    run_demo(str(tmp_path / "demo"), defenses="sft,safeinstr", log=lambda *a: None)
+    lines: list[str] = []
+    run_demo(str(tmp_path / "demo"), defenses="sft,safeinstr", log=lambda *a: lines.append(" ".join(map(str, a))))
+    est = [x for x in lines if "elapsed" in x]
+    assert est[-1].endswith("done")  # after θ₀'s (cached) evaluation nothing is left: both runs are finished

