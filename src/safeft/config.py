@@ -37,7 +37,7 @@ class DataConfig:
     task_path: str | None = None  # local jsonl/csv/parquet or a Hub dataset id; default: ../shared/data
     n: int = 1000  # task samples in the user data (harmful ones included)
     p: float = 0.1  # fraction of harmful samples (prompt + compliant answer)
-    harmful_source: str = "advbench"  # advbench | hh_rlhf | beavertails | demo
+    harmful_source: str = "advbench"  # advbench (echo) | smollm2_content (content) | hh_rlhf | beavertails | demo
     harmful_path: str | None = None
     template: str = "chat"  # chat | alpaca
     max_length: int = 256
@@ -151,7 +151,7 @@ class RunConfig:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "data.task": ("sst2", "agnews", "gsm8k", "demo"),
-    "data.harmful_source": ("advbench", "hh_rlhf", "beavertails", "demo"),
+    "data.harmful_source": ("advbench", "smollm2_content", "hh_rlhf", "beavertails", "demo"),
     "data.template": ("chat", "alpaca"),
     "training.method": ("lora", "full"),
     "training.lr_scheduler": ("constant", "linear", "cosine", "constant_with_warmup"),
