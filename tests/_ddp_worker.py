@@ -217,6 +217,12 @@ def main() -> int:
     if rank == 0:
         save_file(params, str(out / ("params.safetensors" if world > 1 else "params_single.safetensors")))
     (out / f"rank{rank}_of{world}.json").write_text(json.dumps(report))
+    if world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # tear gloo down before the interpreter does: an exit with it alive has aborted
+            dist.barrier()  # ("terminate called without an active exception", rank 0 SIGABRT) once in a while
+            dist.destroy_process_group()
     return 0
 
 

@@ -405,3 +405,26 @@ def test_smoke_preset_end_to_end_cached_failed_and_report_only(tmp_path, smoke_e
     md = (out / "results.md").read_text()
     assert "| safeinstr |" in md and "skipped: needs the unaligned base model" in md and str(smoke_env) in md
     assert len(json.loads((out / "summary.json").read_text())["rows"]) == 4
+
+
+def test_cells_made_under_a_defenses_earlier_defaults_are_stale(tmp_path):
+    from safeft.bench.preset import Cell
+    from safeft.bench.runner import is_cached, stale_defaults
+
+    def cell(defense, revisions):
+        d = tmp_path / defense
+        d.mkdir()
+        run = {"config": {"defense": {"name": defense}}}
+        if revisions is not None:
+            run["defense_revisions"] = revisions
+        (d / "run.json").write_text(json.dumps(run))
+        (d / "eval.json").write_text("{}")
+        (d / "cell.json").write_text(json.dumps({"status": "ok", "hash": "h"}))
+        return Cell(f"p0.1-{defense}-s0", defense, 0.1, 0, "train", {}), d
+
+    c, d = cell("safelora", None)  # recorded before revisions: revision 1; SafeLoRA's defaults are now revision 2
+    assert "safelora 1 → 2" in stale_defaults(c, d) and not is_cached(c, d, "h")
+    c, d = cell("sft", None)  # SFT's defaults never changed
+    assert stale_defaults(c, d) is None and is_cached(c, d, "h")
+    c, d = cell("lisa", {"lisa": 2})
+    assert stale_defaults(c, d) is None and is_cached(c, d, "h")

@@ -28,7 +28,10 @@ def fake(monkeypatch, tmp_path):
         calls["train"] += 1
         out = Path(cfg.training.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        from safeft.defenses.base import defaults_revisions
+
         (out / "run.json").write_text(json.dumps({"config": pipeline._jsonable(cfg.to_dict()),
+                                                  "defense_revisions": defaults_revisions(cfg.defense.name),
                                                   "aligned_model": str(aligned), "train_seconds": 1.5}))
         return {"model": None, "tokenizer": None, "train_seconds": 1.5}
 
@@ -136,7 +139,7 @@ def test_demo_prints_the_remaining_time_as_it_goes(fake, tmp_path):
     assert "for the whole demo" in lines[0]
 
 
-def test_defenses_all_runs_every_peer_and_default_runs_sft_cwac_and_two_peers(fake, tmp_path, monkeypatch):
+def test_defenses_all_runs_every_peer_and_default_runs_sft_cwac_and_lisa(fake, tmp_path, monkeypatch):
     import safeft.demo as demo
 
     seen: list[str] = []
@@ -163,3 +166,18 @@ def test_finished_runs_leave_the_estimate_before_anything_runs(fake, tmp_path):
     run_demo(str(tmp_path / "demo"), defenses="sft,safeinstr", log=lambda *a: lines.append(" ".join(map(str, a))))
     est = [x for x in lines if "elapsed" in x]
     assert est[-1].endswith("done")  # after θ₀'s (cached) evaluation nothing is left: both runs are finished
+
+
+def test_a_run_made_under_a_defenses_earlier_defaults_is_rerun(fake, tmp_path):
+    from safeft.demo import run_demo
+
+    out = tmp_path / "demo"
+    run_demo(str(out), defenses="sft,lisa", log=lambda *a: None)
+    assert fake["train"] == 2
+    run_demo(str(out), defenses="sft,lisa", log=lambda *a: None)
+    assert fake["train"] == 2  # same revisions: reused
+    run = json.loads((out / "lisa" / "run.json").read_text())
+    del run["defense_revisions"]  # a run.json from before revisions were recorded: Lisa's defaults revision 1
+    (out / "lisa" / "run.json").write_text(json.dumps(run))
+    run_demo(str(out), defenses="sft,lisa", log=lambda *a: None)
+    assert fake["train"] == 3  # Lisa rerun (its defaults are revision 2), SFT (revision 1 all along) reused

@@ -11,11 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from safeft.data import shared_data_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the real check runs instead")
+@pytest.mark.skipif(shared_data_dir() is None, reason="the shared data (../shared/data) is absent: the check's CWAC "
+                    "takes its anchors from its default sources there")
 def test_gpu_check_tiny_on_cpu_writes_ratios_and_refuses_without_gpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SAFEFT_GPU_CHECK_TINY": "1"}
     proc = subprocess.run(

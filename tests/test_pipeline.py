@@ -62,6 +62,7 @@ def test_train_save_reload_eval_roundtrip(tmp_path, model_dir):
     assert rec["n_harmful_train"] == 6  # round(0.25 * 24)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["n_train"] == 24 and len(run["losses"]) >= 1
+    assert run["defense_revisions"] == {cfg.defense.name: 1} and cfg.defense.name in run["defense_config_resolved"]
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoint-2").is_dir()
     model, tok = load_trained(cfg, tmp_path / "run")

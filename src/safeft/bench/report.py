@@ -15,7 +15,7 @@ from typing import Any
 
 from safeft.bench.curves import collect_curves, curves_markdown, render_curves
 from safeft.bench.preset import ALIGNED, Cell, Preset, cell_config, config_hash, expand_vars, split_variant
-from safeft.bench.runner import _fmt_s, cell_command, read_json
+from safeft.bench.runner import _fmt_s, cell_command, read_json, stale_defaults
 from safeft.errors import SafeFTError
 from safeft.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -138,6 +138,10 @@ def build_rows(preset: Preset, cells: list[Cell], out: Path, judge_acc: dict[str
             continue
         if info.get("hash") not in (None, config_hash(c, cfg)):
             row.update(status="not run", reason="the preset changed since this cell ran: rerun to refresh it")
+            continue
+        stale = stale_defaults(c, cdir)
+        if stale:
+            row.update(status="not run", reason=stale)
             continue
         row["wall_seconds"] = info.get("wall_seconds")
         if info.get("status") != "ok":
@@ -451,7 +455,7 @@ def write_reports(
         "judge_check": ja,
         **{k: meta[k] for k in ("command", "wall_seconds", "cells_wall_seconds", "machines", "generated_at")},
     }
-    curves = collect_curves(cells, out)
+    curves = collect_curves(cells, out, ok_ids={r["cell_id"] for r in rows if r["status"] == "ok"})
     if curves:
         summary["monitor_curves"] = curves
     out.mkdir(parents=True, exist_ok=True)
@@ -466,4 +470,6 @@ def write_reports(
         paths.append(out / "pareto.png")
     if png:
         paths.append(out / "monitor.png")
+    elif (out / "monitor.png").is_file():
+        (out / "monitor.png").unlink()  # no curve left to plot: do not leave an old plot beside the new table
     return paths

@@ -90,7 +90,24 @@ def is_cached(cell: Cell, cell_dir: Path, h: str) -> bool:
     if not info or info.get("status") != "ok" or info.get("hash") != h:
         return False
     need = ["eval.json"] + (["run.json"] if cell.kind == "train" else [])
-    return all((cell_dir / f).is_file() for f in need)
+    return all((cell_dir / f).is_file() for f in need) and not stale_defaults(cell, cell_dir)
+
+
+def stale_defaults(cell: Cell, cell_dir: Path) -> str | None:
+    """Why a finished training cell was made under a defense's earlier defaults (its run.json records older
+    ``defense_revisions``, or none: revision 1), else None. Such a cell is rerun and reported as not run."""
+    if cell.kind != "train":
+        return None
+    from safeft.defenses.base import defaults_revisions, revisions_match
+
+    run = read_json(cell_dir / "run.json") or {}
+    name = ((run.get("config") or {}).get("defense") or {}).get("name")
+    if not name or revisions_match(run.get("defense_revisions"), name):
+        return None
+    now = defaults_revisions(name)
+    old = {n: (run.get("defense_revisions") or {}).get(n, 1) for n in now}
+    changed = ", ".join(f"{n} {old[n]} → {now[n]}" for n in now if old[n] != now[n])
+    return f"made under earlier defaults (revision {changed}; see the defense's doc): rerun to refresh it"
 
 
 def _error_tail(log_path: Path) -> str:

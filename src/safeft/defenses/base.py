@@ -150,6 +150,9 @@ class Defense:
     needs_logits: ClassVar[bool] = False
     # defenses that cannot share a run with this one (by name)
     incompatible_with: ClassVar[tuple[str, ...]] = ()
+    # Raised when a default setting changes what a run computes: run.json records it, and a finished run made
+    # under another revision is not reused (safeft demo, safeft bench; see defaults_revisions).
+    defaults_revision: ClassVar[int] = 1
 
     @classmethod
     def incompatible_with_reason(cls, other: str) -> str:
@@ -295,3 +298,17 @@ def build_defenses(spec: str, configs: dict[str, dict[str, Any]] | None = None) 
         get_defense_class(n)(build_config(get_defense_class(n), configs.get(n)))
         for n in parse_defense_spec(spec)
     ]
+
+
+def defaults_revisions(names: str | list[str]) -> dict[str, int]:
+    """``{defense name: defaults_revision}`` for a defense spec (``"cwac+pact"``, a list, ``"sft"``); what run.json
+    records so that a run made under older defaults is recognised as such."""
+    parts = parse_defense_spec(names) if isinstance(names, str) else list(names)
+    return {n: get_defense_class(n).defaults_revision for n in parts}
+
+
+def revisions_match(recorded: dict[str, int] | None, names: str | list[str]) -> bool:
+    """Whether a finished run's recorded revisions (None: a run.json from before they were recorded, i.e. revision
+    1 everywhere) equal the current ones of ``names``."""
+    rec = recorded or {}
+    return all(rec.get(n, 1) == rev for n, rev in defaults_revisions(names).items())

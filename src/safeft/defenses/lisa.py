@@ -93,6 +93,9 @@ class LisaConfig(DefenseConfig):
 
 @register_defense
 class Lisa(Defense):
+
+    # 2 (2026-12-01): the proximal term is off for the first 10% of steps by default (was: from step 0)
+    defaults_revision = 2
     name = "lisa"
     config_class = LisaConfig
     paper = (
@@ -200,7 +203,9 @@ class Lisa(Defense):
     # ---- loss and schedule -------------------------------------------------------------------------------------
     def set_total_steps(self, total_steps: int) -> None:
         """The run's total optimizer steps (the trainer's ``max_steps``), which the warm-up fraction applies to."""
-        check_int("lisa", "total steps", total_steps, 1)
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise SafeFTError(f"lisa: the run's total optimizer steps (max_steps) must be an integer ≥ 1, got "
+                              f"{total_steps!r}")
         self.total_steps = int(total_steps)
 
     def proximal_start(self) -> int:

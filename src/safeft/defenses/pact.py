@@ -398,6 +398,9 @@ def compute_safety_tokens(
 class PACT(Defense):
     """Safety-token confidence distillation from θ₀ on the task batch (see the module docstring)."""
 
+    # 2 (2026-12-01): the default θ_b prompt has the authors' two newlines (was one)
+    defaults_revision = 2
+
     name = "pact"
     config_class = PACTConfig
     paper = "Wang et al., Few Tokens, Big Leverage (PACT), arXiv 2603.07445"

@@ -106,6 +106,9 @@ class SafeLoRAConfig(DefenseConfig):
 
 @register_defense
 class SafeLoRA(Defense):
+
+    # 2 (2026-12-01): the default rule became the authors' 10 least-similar layers (was τ = 0.5)
+    defaults_revision = 2
     name = "safelora"
     config_class = SafeLoRAConfig
     paper = (
