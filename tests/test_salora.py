@@ -404,3 +404,11 @@ def test_registered_and_listed(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "  salora " in out and "arXiv 2501.01765" in out
+
+
+def test_streaming_rows_refused_for_task_init_with_a_one_line_error():
+    d = build_defenses("salora")[0]
+    with pytest.raises(SafeFTError, match="no length.*task_init: false"):
+        d.use_tokenised_data(iter([{"input_ids": [1, 2]}]), None)
+    d = build_defenses("salora", {"salora": {"task_init": False}})[0]
+    d.use_tokenised_data(iter([{"input_ids": [1, 2]}]), None)  # not read without the task-aware init

@@ -133,6 +133,10 @@ class SaLoRA(Defense):
 
     def use_tokenised_data(self, rows: Any, collate: Any) -> None:
         """Under TRL: its tokenised training rows and collator, for the task-specific initialisation."""
+        if self.config.task_init and not hasattr(rows, "__len__"):
+            raise SafeFTError("defense 'salora': its task-aware initialisation samples rows from the training "
+                              "dataset, which has no length (a streaming / IterableDataset); pass a map-style "
+                              "dataset or set defense.salora.task_init: false")
         self._task_examples = rows
         self._task_collate = collate
 
