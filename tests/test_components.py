@@ -324,3 +324,11 @@ def test_run_to_layers_and_shared_input_groups():
             ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}  # fmt: skip
     groups = shared_input_groups(model, mods, ids[:1])
     assert groups == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+def test_budget_passes_keeps_order_fits_the_budget_and_isolates_an_oversized_item():
+    from safeft.components.capture import budget_passes
+
+    sizes = {"a": 4, "b": 4, "c": 3, "d": 20, "e": 1}
+    assert budget_passes(list(sizes), sizes.__getitem__, 10) == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert budget_passes([], sizes.__getitem__, 10) == [[]]

@@ -7,7 +7,7 @@ and on peft-wrapped ones: hooks sit on the real submodules, whichever wrapper th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -187,6 +187,22 @@ def shared_input_groups(
 
 
 @torch.no_grad()
+def budget_passes(order: Sequence[str], size_of: Callable[[str], int], budget: int) -> list[list[str]]:
+    """``order`` cut into consecutive passes whose summed ``size_of`` (bytes of captured rows) stays within
+    ``budget``; an item larger than the budget gets a pass of its own. One capture per pass keeps the rows of
+    all modules from being held at once."""
+    passes: list[list[str]] = [[]]
+    used = 0
+    for name in order:
+        size = size_of(name)
+        if passes[-1] and used + size > budget:
+            passes.append([])
+            used = 0
+        passes[-1].append(name)
+        used += size
+    return passes
+
+
 def capture_module_rows(
     model: nn.Module,
     modules: dict[str, nn.Module],

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from safeft.components.capture import capture_module_rows, decoder_layers
+from safeft.components.capture import budget_passes, capture_module_rows, decoder_layers
 from safeft.defenses.cwac.common import theta0
 from safeft.errors import SafeFTError
 
@@ -106,15 +106,7 @@ def module_output_subspaces(
     dev = next(model.parameters()).device
     n_blocks = len(decoder_layers(model))
     order = sorted(modules, key=lambda n: (layer_index(n) if layer_index(n) is not None else n_blocks, n))
-    passes: list[list[str]] = [[]]
-    used = 0
-    for name in order:
-        size = n_rows * int(weights[name].shape[1]) * 4
-        if passes[-1] and used + size > budget_bytes:
-            passes.append([])
-            used = 0
-        passes[-1].append(name)
-        used += size
+    passes = budget_passes(order, lambda name: n_rows * int(weights[name].shape[1]) * 4, budget_bytes)
     out: dict[str, torch.Tensor] = {}
     for part in passes:
         idx = [layer_index(n) for n in part]

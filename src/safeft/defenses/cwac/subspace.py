@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from safeft.components.capture import capture_module_rows, shared_input_groups
+from safeft.components.capture import budget_passes, capture_module_rows, shared_input_groups
 from safeft.components.projection import basis_from_rows, energy_inside
 from safeft.defenses.cwac.common import common_prefix_len, pad_right
 from safeft.errors import SafeFTError
@@ -217,15 +217,7 @@ def compute_subspaces(
             "raise defense.cwac.subspace_prompt_tokens / subspace_refusal_tokens"
         )
     order = sorted(groups, key=lambda g: int(g.split(".", 1)[0]))
-    passes: list[list[str]] = [[]]
-    used = 0
-    for g in order:
-        size = (n_rows + n_held) * d_in(modules[groups[g][0]]) * 4
-        if passes[-1] and used + size > ROWS_BUDGET_BYTES:
-            passes.append([])
-            used = 0
-        passes[-1].append(g)
-        used += size
+    passes = budget_passes(order, lambda g: (n_rows + n_held) * d_in(modules[groups[g][0]]) * 4, ROWS_BUDGET_BYTES)
     Vs: dict[str, torch.Tensor] = {}
     info: dict[str, dict[str, Any]] = {}
     for pi, part in enumerate(passes):
