@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -130,3 +131,13 @@ def smollm2_dir() -> Path:
     from safeft.models import resolve_model
 
     return resolve_model("smollm2-135m")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one intra-op thread is 10-100x faster than two on a loaded 2-core machine. Test modules that
+    only build tiny models turn it on for every test (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -23,14 +23,7 @@ from safeft.components import (
 )
 from safeft.errors import SafeFTError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one intra-op thread is 10-100x faster than two on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices run faster on one thread
 
 
 def tiny_llama(n_layers: int = 4, seed: int = 0):

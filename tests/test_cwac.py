@@ -18,14 +18,7 @@ from safeft.defenses.cwac import features as F
 from safeft.defenses.cwac import subspace as S
 from safeft.errors import SafeFTError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one intra-op thread is 10-100x faster than two on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices run faster on one thread
 
 
 WORDS = (

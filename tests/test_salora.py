@@ -31,13 +31,7 @@ TASK = [
 CFG = dict(safety_rank=4, task_rank=8, niter=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one intra-op thread is 10-100x faster than two on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices run faster on one thread
 
 
 def _ctx(tmp_path=None, seed: int = 0) -> DefenseContext:
