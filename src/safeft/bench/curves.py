@@ -22,23 +22,15 @@ def _pct(v: Any) -> float | None:
     return None if v is None else 100.0 * float(v)
 
 
-def collect_curves(cells: list[Cell], out: Path, ok_ids: set[str] | None = None) -> dict[str, dict[str, Any]]:
+def collect_curves(cells: list[Cell], out: Path, ok_ids: set[str]) -> dict[str, dict[str, Any]]:
     """``{cell_id: {defense, p, seed, judge, every, checks: [{step, harmful_rate, refusal_rate, over_refusal,
     sae_drift}], stopped}}`` for every training cell with a readable ``monitor.json`` (rates in percent except
     ``sae_drift``, which is the monitor's own relative drift). Cells without one are left out, and so are cells not
-    in ``ok_ids`` (the report's rows with a current result) when it is given, or else whose cell.json is not ok."""
+    in ``ok_ids`` (the report's rows with a current result: failed, stale or not-run cells get no curve)."""
     curves: dict[str, dict[str, Any]] = {}
     for c in cells:
-        if c.kind != "train" or c.skip:
+        if c.kind != "train" or c.id not in ok_ids:
             continue
-        if ok_ids is not None:
-            if c.id not in ok_ids:
-                continue  # failed, stale or not run: its table row shows no result, so no curve either
-        else:
-            info_p = out / "cells" / c.id / "cell.json"
-            info = json.loads(info_p.read_text(encoding="utf-8")) if info_p.is_file() else {}
-            if info.get("status") != "ok":
-                continue
         path = out / "cells" / c.id / "monitor.json"
         try:
             mon = json.loads(path.read_text(encoding="utf-8"))

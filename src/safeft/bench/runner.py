@@ -98,16 +98,16 @@ def stale_defaults(cell: Cell, cell_dir: Path) -> str | None:
     ``defense_revisions``, or none: revision 1), else None. Such a cell is rerun and reported as not run."""
     if cell.kind != "train":
         return None
-    from safeft.defenses.base import defaults_revisions, revisions_match
+    from safeft.defenses.base import defaults_revisions
 
     run = read_json(cell_dir / "run.json") or {}
     name = ((run.get("config") or {}).get("defense") or {}).get("name")
-    if not name or revisions_match(run.get("defense_revisions"), name):
+    recorded = run.get("defense_revisions") or {}
+    changed = [f"{n} {recorded.get(n, 1)} → {rev}" for n, rev in (defaults_revisions(name) if name else {}).items()
+               if recorded.get(n, 1) != rev]
+    if not changed:
         return None
-    now = defaults_revisions(name)
-    old = {n: (run.get("defense_revisions") or {}).get(n, 1) for n in now}
-    changed = ", ".join(f"{n} {old[n]} → {now[n]}" for n in now if old[n] != now[n])
-    return f"made under earlier defaults (revision {changed}; see the defense's doc): rerun to refresh it"
+    return f"made under earlier defaults (revision {', '.join(changed)}; see the defense's doc): rerun to refresh it"
 
 
 def _error_tail(log_path: Path) -> str:
