@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from helpers_dist import teardown  # noqa: E402
 from helpers_models import make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer  # noqa: E402
 
 from safeft.defenses.base import Defense, unwrap_model  # noqa: E402
@@ -217,12 +218,7 @@ def main() -> int:
     if rank == 0:
         save_file(params, str(out / ("params.safetensors" if world > 1 else "params_single.safetensors")))
     (out / f"rank{rank}_of{world}.json").write_text(json.dumps(report))
-    if world > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():  # tear gloo down before the interpreter does: an exit with it alive has aborted
-            dist.barrier()  # ("terminate called without an active exception", rank 0 SIGABRT) once in a while
-            dist.destroy_process_group()
+    teardown()
     return 0
 
 

@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from helpers_dist import teardown  # noqa: E402
 from helpers_models import make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer  # noqa: E402
 
 from safeft.components.sharding import (  # noqa: E402
@@ -425,8 +426,7 @@ def main() -> int:
         if rank == 0 and res["params"]:
             save_file(res["params"], str(out / f"{kind}.safetensors"))
         (out / f"{kind}.rank{rank}.json").write_text(json.dumps(res["report"]))
-    if world > 1:
-        torch.distributed.barrier()
+    teardown()
     return 0
 
 

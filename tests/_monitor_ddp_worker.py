@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from helpers_dist import teardown  # noqa: E402
 from test_monitor import BENIGN, HARM, ScriptJudge, _trainer  # noqa: E402
 
 from safeft.monitor import SafetyMonitor  # noqa: E402
@@ -53,6 +54,7 @@ def main() -> None:
     (work / f"rank{rank}.json").write_text(
         json.dumps({"global_step": tr.state.global_step, "safety": rows, "judge_calls": judge.calls})
     )
+    teardown()
 
 
 if __name__ == "__main__":

@@ -34,3 +34,13 @@ def torchrun(args: Sequence[str], *, timeout: int, env: dict[str, str] | None = 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), *args]  # fmt: skip
     return subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def teardown() -> None:
+    """Leave the process group at the end of a worker: wait for every rank, then destroy it. A worker that exits
+    with gloo still alive has aborted at interpreter shutdown ("terminate called without an active exception",
+    SIGABRT) once in a while, on any rank, after all its work was written."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -450,13 +450,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
-        return ns.func(ns)
+        rc = ns.func(ns)
+        _leave_process_group(wait=True)
+        return rc
     except SafeFTError as e:
         print(f"safeft: error: {e}", file=sys.stderr)
+        _leave_process_group(wait=False)
         return 2
     except KeyboardInterrupt:
         print("safeft: interrupted; finished checkpoints are kept: rerun with --resume to continue", file=sys.stderr)
         return 130
+
+
+def _leave_process_group(*, wait: bool) -> None:
+    """Under ``accelerate launch`` / ``torchrun``: destroy the process group before the interpreter exits (an exit
+    with gloo alive has aborted with SIGABRT after the work was saved). ``wait`` first waits for every rank; an
+    error path does not wait, another rank may never arrive."""
+    if "torch" not in sys.modules:  # a command that never loaded torch never joined a group
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
