@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -94,9 +95,13 @@ def test_shipped_presets_plan_and_validate(tmp_path):
     assert set(skipped) == {"pact", "asft", "safelora"}
     assert all("θ_b" in r for r in skipped.values())
     assert {cell_config(c, tmp_path)["data"]["harmful_source"] for c in small if not c.skip} == {"advbench"}
-    for name in ("small-attack", "small-cwac-tune", "tiny-val", "cwac-tune"):  # tuning presets: no test prompts
+    for name in ("small-attack", "small-cwac-tune", "tiny-val", "tiny-attack", "tiny-attack-echo", "tiny-attack-hh",
+                 "tiny-tune", "cwac-tune"):  # tuning presets: no test prompts
         val = plan_cells(load_preset(name), tmp_path)
         assert all(cell_config(c, tmp_path)["eval"]["harmful_source"] == "harmbench_val" for c in val)
+        if name == "tiny-tune":  # the equal tuning budget: three settings for every defense but the reference
+            per = Counter(c.defense.partition("@")[0] for c in val if c.kind == "train" and c.defense != "sft")
+            assert set(per.values()) == {3} and len(per) == 8, per
     tune = {c.defense: cell_config(c, tmp_path)["defense"]["options"] for c in val if c.kind == "train"}
     assert tune["cwac@all-layers-lam5"]["cwac"] == {"n_anchor": 60, "sae_steps": 300, "layers": "all", "lam": 5.0}
 
@@ -180,6 +185,18 @@ def test_config_hash_tracks_results_not_paths(tmp_path):
     assert config_hash(al, cell_config(al, tmp_path)) == h0
 
 
+def test_overrides_change_only_their_entry(tmp_path):
+    text = ("grid: {p: [0.1, 0.2], defenses: [sft, 'lisa@slow']}\n"
+            "overrides:\n  lisa@slow: {training: {lr: 3.0e-5, lora_targets: [q_proj, v_proj]}}\n")
+    cells = {c.id: c for c in plan_cells(load_preset(_write_preset(tmp_path, text)), tmp_path)}
+    slow = cells["p0.2-lisa@slow-s0"]
+    cfg = cell_config(slow, tmp_path)
+    assert cfg["training"]["lr"] == 3.0e-5 and cfg["training"]["lora_targets"] == ["q_proj", "v_proj"]
+    assert cfg["data"]["p"] == 0.2 and cfg["defense"]["name"] == "lisa"
+    assert cell_config(cells["p0.2-sft-s0"], tmp_path)["training"]["lr"] != 3.0e-5
+    assert cell_config(cells["aligned"], tmp_path)["training"]["lr"] != 3.0e-5
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -189,6 +206,9 @@ def test_config_hash_tracks_results_not_paths(tmp_path):
         ("grid: {defenses: [sft]}\ndefense_options: {lisaa: {}}\n", "defense_options.lisaa"),
         ("base: {model.aligned: '${SAFEFT_TEST_UNSET_VAR}'}\n", "SAFEFT_TEST_UNSET_VAR"),
         ("base: {training.lr: -1}\n", "training.lr"),
+        ("grid: {defenses: [sft]}\noverrides: {lisa: {training.lr: 1.0e-4}}\n", "overrides.lisa: not an entry"),
+        ("grid: {defenses: [sft]}\noverrides: {sft: {data.p: 0.5}}\n", "overrides.sft.data.p: set by the grid"),
+        ("grid: {defenses: [sft]}\noverrides: {sft: {training.lr: -1}}\n", "training.lr"),
     ],
 )
 def test_bad_presets_are_refused_with_the_key(tmp_path, monkeypatch, text, message):
@@ -300,6 +320,14 @@ def test_rows_ratios_tables_and_plot_from_finished_cells(tmp_path):
     assert "| 1.05 | 1.020 |" in md  # step-time and memory ratios of cwac at p = 0.1
     assert "+8.0" in md and "-1.0" in md  # ablation: HS − aligned, FA − SFT for cwac at p = 0.1
     assert "safeft bench --preset mini" in md and "wall time" in md
+    assert "copyright" not in md  # no cell judged copyright items
+    ev = json.loads((out / "cells" / "p0.1-cwac-s0" / "eval.json").read_text())
+    ev["copyright"] = {"hs": 25.0, "n": 8}
+    (out / "cells" / "p0.1-cwac-s0" / "eval.json").write_text(json.dumps(ev))
+    write_reports(pre, cells, out, command="safeft bench --preset mini", wall_seconds=42.0)
+    md = (out / "results.md").read_text()
+    assert "## HarmBench copyright items" in md and "| cwac | 0.1 | 25.0 | 8 |" in md
+    assert "| cwac | 10.0 [5.0, 15.0] |" in md  # HS unchanged by them
 
 
 def test_variant_rows_join_the_ablation_grouped_by_label(tmp_path):

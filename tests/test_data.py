@@ -291,6 +291,11 @@ def test_shared_harmful(shared_data):
     assert len(load_harmful_prompts("advbench")) == 520
     hb = load_harmful_prompts("harmbench")
     assert 0 < len(hb) < 320  # contextual rows dropped
+    held, cr = load_harmful_prompts("harmbench_heldout"), load_harmful_prompts("harmbench_copyright")
+    assert (len(held), len(cr)) == (240, 80)  # standard 159 + contextual 81; the 80 copyright items apart
+    ctx = [p for p in held if "\n\n---\n\n" in p]
+    assert len(ctx) == 81 and not set(held) & set(cr) and set(cr) <= set(hb)  # hb: no-context rows, copyright too
+    assert all(p.startswith(("Generate", "Give")) or "lyrics" in p or "passage" in p for p in cr[:5])
     assert len(load_harmful_prompts("strongreject")) == 313
     stl = load_harmful_prompts("safety_tuned_llamas")
     assert len(stl) == 418  # 468 rows minus 50 benign I-Alpaca

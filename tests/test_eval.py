@@ -29,6 +29,7 @@ from safeft.eval import (
     task_accuracy,
     unsafe_probs,
 )
+from safeft.eval.rejudge import rejudge_report
 
 try:  # safeft.data is written in parallel; fall back to a local stand-in with the same contract
     from safeft.data import Example, format_prompt, score_answer  # noqa: F401
@@ -491,10 +492,15 @@ def test_evaluate_model_report_is_json(tiny_tokenizer):
         xstest_prompts=PROMPTS[2:4],
         max_new_tokens=3,
         batch_size=2,
+        copyright_prompts=PROMPTS[4:5],
     )
     json.dumps(rep, allow_nan=False)
     assert rep["harmful"]["n"] == 2 and rep["task"]["n"] == 1 and rep["over_refusal"]["n"] == 2
     assert rep["judge"] == "keyword" and rep["task"]["task"] == "sst2"
+    # copyright items: their own section, never part of HS; re-judged from the stored answers like the others
+    assert rep["copyright"]["n"] == 1 and rep["copyright"]["records"][0]["prompt"] == PROMPTS[4]
+    again = rejudge_report(rep, KeywordJudge())
+    assert again["copyright"]["n"] == 1 and again["harmful"]["n"] == 2
     with pytest.raises(SafeFTError, match="both task and task_examples"):
         evaluate_model(model, tiny_tokenizer, harmful_prompts=["x"], judge=KeywordJudge(), task="sst2")
 

@@ -74,17 +74,20 @@ def main() -> None:
     jname = getattr(judges["judge"], "name", args.judge)
 
     def pct(xs: list[str], o: str) -> float:
-        return 100.0 * sum(x == o for x in xs) / len(xs)
+        return 100.0 * sum(x == o for x in xs) / len(xs) if xs else float("nan")  # nan: no such answers labelled
 
     n_h = sum(1 for i in ids if key[i]["prompt_kind"] == "harmful")
+    demo = (run / "cells" / "summary.json").is_file()
     n_models = len(models)
     lines = [
-        "# Demo answers: human labels vs judges",
+        f"# {'Demo answers' if demo else 'Benchmark answers'}: human labels vs judges",
         "",
         f"`python benchmarks/demo_labels/compare.py --run {run.as_posix()} --judge {args.judge}` (judge `{jname}`); "
-        f"answers from one `safeft demo` run (seed 0, `cells/summary.json`), {n_h // n_models} held-out demo harmful "
-        f"prompts and {(len(ids) - n_h) // n_models} safe contrast prompts per model, labelled blind by reading "
-        "(`labels.csv`).",
+        + (f"answers from one `safeft demo` run (seed 0, `cells/summary.json`), {n_h // n_models} held-out demo "
+           f"harmful prompts and {(len(ids) - n_h) // n_models} safe contrast prompts per model"
+           if demo else f"answers of the benchmark cells in `cells/` (each `cells/<model>/eval.json`), {n_h // n_models} "
+           f"harmful prompts and {(len(ids) - n_h) // n_models} safe prompts per model")
+        + ", labelled blind by reading (`labels.csv`).",
         "",
         "| model | human HS % | human refusal % | " + ("human HS %, lenient | " if lenient else "")
         + "judge HS % | judge refusal % | keyword HS % | over-refusal % human / judge |",

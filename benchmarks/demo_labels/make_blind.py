@@ -1,8 +1,11 @@
-"""Make a blind labelling set from one ``safeft demo`` run.
+"""Make a blind labelling set from one ``safeft demo`` run, or from benchmark cells.
 
     python benchmarks/demo_labels/make_blind.py --src runs/demo --dest benchmarks/demo_labels/run2
+    python benchmarks/demo_labels/make_blind.py --dest benchmarks/attack_labels/tiny-val --harmful-only \
+        --cells theta0=benchmarks/results/tiny-attack/cells/aligned sft-content=benchmarks/results/tiny-attack/cells/p0.1-sft-s0
 
-Copies the run's ``<model>/eval.json`` and ``summary.json`` into ``<dest>/cells/`` (the stored answers, so that
+Copies the run's ``<model>/eval.json`` and ``summary.json`` (with ``--cells``: each ``NAME=CELL_DIR``'s
+``eval.json``, under NAME) into ``<dest>/cells/`` (the stored answers, so that
 the labels can always be checked against the text they label) and writes
 
 * ``<dest>/blind.jsonl``: every answer to a harmful or safe contrast prompt, shuffled (seed 0), each with a random
@@ -31,23 +34,39 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", default="runs/demo", help="a safeft demo output folder (summary.json + <model>/eval.json)")
     ap.add_argument("--dest", required=True)
+    ap.add_argument("--cells", nargs="+", metavar="NAME=CELL_DIR", help="benchmark cells (each with eval.json) instead "
+                    "of a demo run; NAME is what key.csv calls the model")
+    ap.add_argument("--harmful-only", action="store_true", help="only the answers to harmful prompts")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     src, dest = Path(args.src), Path(args.dest)
+    if args.cells:
+        bad = [c for c in args.cells if "=" not in c]
+        if bad:
+            raise SystemExit(f"--cells {bad[0]}: give NAME=CELL_DIR")
+        cells = dict(c.split("=", 1) for c in args.cells)
+        for name, d in cells.items():
+            if not (Path(d) / "eval.json").is_file():
+                raise SystemExit(f"--cells {name}={d}: no eval.json there (has the cell finished?)")
     if (dest / "labels.csv").exists():
         raise SystemExit(f"{dest / 'labels.csv'} exists: those labels belong to the answers already there; "
                          "choose another --dest")
     from safeft.io import atomic_write_text
-    summary = json.loads((src / "summary.json").read_text(encoding="utf-8"))
-    models = [r["defense"] for r in summary["rows"]]
     (dest / "cells").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src / "summary.json", dest / "cells" / "summary.json")
+    if args.cells:
+        evals = {m: Path(d) / "eval.json" for m, d in cells.items()}
+    else:
+        summary = json.loads((src / "summary.json").read_text(encoding="utf-8"))
+        evals = {r["defense"]: src / r["defense"] / "eval.json" for r in summary["rows"]}
+        shutil.copyfile(src / "summary.json", dest / "cells" / "summary.json")
+    models = list(evals)
+    kinds = (("harmful", "harmful"),) if args.harmful_only else (("harmful", "harmful"), ("safe", "over_refusal"))
     items, key = [], []
     for m in models:
-        ev = json.loads((src / m / "eval.json").read_text(encoding="utf-8"))
+        ev = json.loads(evals[m].read_text(encoding="utf-8"))
         (dest / "cells" / m).mkdir(exist_ok=True)
-        shutil.copyfile(src / m / "eval.json", dest / "cells" / m / "eval.json")
-        for kind, sec in (("harmful", "harmful"), ("safe", "over_refusal")):
+        shutil.copyfile(evals[m], dest / "cells" / m / "eval.json")
+        for kind, sec in kinds:
             for r in (ev.get(sec) or {}).get("records") or []:
                 rid = secrets.token_hex(5)
                 items.append({"id": rid, "prompt": r["prompt"], "answer": r["answer"], "prompt_kind": kind})

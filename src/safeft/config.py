@@ -71,12 +71,17 @@ class TrainingConfig:
 
 @dataclass
 class EvalConfig:
-    harmful_source: str = "harmbench"  # harmbench (test) | harmbench_val (for tuning) | advbench | strongreject | demo
+    # harmbench (test, no context) | harmbench_heldout (test: standard + contextual, 240, no copyright) |
+    # harmbench_copyright (test: the 80 copyright items) | harmbench_val (for tuning) | advbench | strongreject | demo
+    harmful_source: str = "harmbench"
     harmful_path: str | None = None
     n_harmful: int = 100
     judge: str = "content"  # content (learned, offline) | keyword | harmbench:PATH | llamaguard:PATH | wildguard:PATH | beaverdam:PATH | classifier:PATH | guard:PATH
     n_task: int = 200
     n_xstest: int = 0  # XSTest safe prompts for over-refusal (0 = skip)
+    # HarmBench test copyright items, judged and reported apart from HS (`copyright` in eval.json, `hs_copyright` in
+    # a benchmark row): a small model cannot reproduce a book, so they are not harm here (0 = skip)
+    n_copyright: int = 0
     max_new_tokens: int = 128
     batch_size: int = 16
     seed: int = 0
@@ -155,7 +160,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.template": ("chat", "alpaca"),
     "training.method": ("lora", "full"),
     "training.lr_scheduler": ("constant", "linear", "cosine", "constant_with_warmup"),
-    "eval.harmful_source": ("advbench", "harmbench", "harmbench_val", "strongreject", "demo"),
+    "eval.harmful_source": ("advbench", "harmbench", "harmbench_val", "harmbench_heldout", "harmbench_copyright",
+                            "strongreject", "demo"),
     "monitor.on_breach": ("warn", "stop"),
 }
 # key -> (low, high, low_inclusive, high_inclusive)
@@ -179,6 +185,7 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "eval.n_harmful": (0, math.inf, True, False),
     "eval.n_task": (0, math.inf, True, False),
     "eval.n_xstest": (0, math.inf, True, False),
+    "eval.n_copyright": (0, math.inf, True, False),
     "eval.max_new_tokens": (1, 8192, True, True),
     "eval.batch_size": (1, 4096, True, True),
     "align.n_refusal": (1, math.inf, True, False),

@@ -597,6 +597,11 @@ def run_eval(cfg: RunConfig, model=None, tokenizer=None, splits: Splits | None =
         task_name = cfg.data.task
     task_examples = _subsample(task_examples, cfg.eval.n_task, cfg.eval.seed)
     xs = _subsample(splits.xstest_safe, cfg.eval.n_xstest, cfg.eval.seed) if cfg.eval.n_xstest else None
+    cr = None
+    if cfg.eval.n_copyright:
+        from safeft.data import load_harmful_prompts
+
+        cr = _subsample(load_harmful_prompts("harmbench_copyright"), cfg.eval.n_copyright, cfg.eval.seed)
     judge = get_judge(cfg.eval.judge)
     if model is None and run_dir is not None:
         model, tokenizer = load_trained(cfg, run_dir)
@@ -606,7 +611,7 @@ def run_eval(cfg: RunConfig, model=None, tokenizer=None, splits: Splits | None =
     report = evaluate_model(
         model, tokenizer, harmful_prompts=harmful, judge=judge, task=task_name,
         task_examples=task_examples or None, xstest_prompts=xs, template=cfg.data.template,
-        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, copyright_prompts=cr,
     )
     report["model"] = cfg.model.aligned
     report["eval_config"] = _jsonable(cfg.to_dict()["eval"])

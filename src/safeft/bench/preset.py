@@ -9,6 +9,9 @@ Preset keys::
     grid: {p: [0.1], defenses: [sft, cwac, cwac@lam5], seeds: [0]}   # seeds set training.seed
     defense_options: {cwac: {n_anchor: 60}, cwac@lam5: {lam: 5.0}}
                                     # cwac-weight / cwac-activation fall back to cwac's options
+    overrides: {pact@authors: {training.lr: 3.0e-5, training.lora_targets: [q_proj, v_proj]}}
+                                    # config keys of one grid entry's cells (after base); p, seed and the
+                                    # defense name stay the grid's
 
 A grid entry ``NAME@LABEL`` is a *variant*: defense ``NAME`` run with ``defense_options[NAME]`` updated by
 ``defense_options[NAME@LABEL]``, reported as its own row (``cwac@lam5``). Use variants to compare settings of one
@@ -39,14 +42,18 @@ PRESET_KEYS = {
     "base",
     "grid",
     "defense_options",
+    "overrides",
     "include_aligned",
     "cell_timeout_minutes",
 }
 GRID_KEYS = {"p", "defenses", "seeds"}
 ALIGNED = "aligned"
+_GRID_OWNED = {"data.p", "training.seed"}  # a grid axis sets these in every cell
 # config keys that do not change a cell's result (left out of its cache hash)
 # (the judge too: it never changes the answers, and a cell judged by another judge is re-judged from its eval.json)
 _UNHASHED = {("training", "output_dir"), ("training", "progress"), ("training", "resume"), ("eval", "judge")}
+# config keys added after cells were committed, with the value that leaves a cell's result as it was
+_ADDED_OFF = {("eval", "n_copyright"): 0}
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
@@ -61,6 +68,7 @@ class Preset:
     defenses: list[str]
     seeds: list[int]
     defense_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     include_aligned: bool = True
     cell_timeout_minutes: float | None = None
     path: Path | None = None
@@ -167,7 +175,8 @@ def load_preset(name_or_path: str) -> Preset:
     base = data.get("base") or {}
     grid = data.get("grid") or {}
     opts = data.get("defense_options") or {}
-    for key, val in (("base", base), ("grid", grid), ("defense_options", opts)):
+    overrides = data.get("overrides") or {}
+    for key, val in (("base", base), ("grid", grid), ("defense_options", opts), ("overrides", overrides)):
         if not isinstance(val, dict):
             raise SafeFTError(f"{path}: {key} must be a mapping")
     bad = sorted(set(grid) - GRID_KEYS)
@@ -217,6 +226,18 @@ def load_preset(name_or_path: str) -> Preset:
             )
         if not isinstance(o, dict):
             raise SafeFTError(f"{path}: defense_options.{d} must be a mapping of that defense's settings")
+    flat_overrides = {}
+    for d, o in overrides.items():
+        if str(d) not in map(str, defenses):
+            raise SafeFTError(f"{path}: overrides.{d}: not an entry of grid.defenses; add it there or remove it")
+        if not isinstance(o, dict):
+            raise SafeFTError(f"{path}: overrides.{d} must be a mapping of config keys (e.g. training.lr: 3.0e-5)")
+        flat = _flatten(o)
+        fixed = sorted(k for k in flat if k in _GRID_OWNED or k.startswith("defense."))
+        if fixed:
+            raise SafeFTError(f"{path}: overrides.{d}.{fixed[0]}: set by the grid (p, seeds, defenses) or "
+                              "defense_options, not here")
+        flat_overrides[str(d)] = flat
     timeout = data.get("cell_timeout_minutes")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise SafeFTError(f"{path}: cell_timeout_minutes must be a positive number or null, got {timeout!r}")
@@ -228,6 +249,7 @@ def load_preset(name_or_path: str) -> Preset:
         defenses=[str(d) for d in defenses],
         seeds=list(seeds),
         defense_options={str(k): dict(v) for k, v in opts.items()},
+        overrides=flat_overrides,
         include_aligned=bool(data.get("include_aligned", True)),
         cell_timeout_minutes=float(timeout) if timeout is not None else None,
         path=path,
@@ -292,6 +314,7 @@ def plan_cells(preset: Preset, out_dir: Path | None = None, only: list[str] | No
             for d in order:
                 ov = dict(base)
                 spec = split_variant(d)[0]
+                ov.update(expand_vars(preset.overrides.get(d, {}), f"{preset.path}: overrides.{d}", out_dir))
                 ov.update({"data.p": p, "training.seed": seed, "defense.name": spec})
                 opts = options_for(preset, d)
                 if opts:
@@ -329,6 +352,9 @@ def config_hash(cell: Cell, cfg: dict[str, Any]) -> str:
     for sec, key in _UNHASHED:
         cfg.get(sec, {}).pop(key, None)
     cfg = without_idle_monitor(cfg)
+    for (sec, key), off in _ADDED_OFF.items():  # keys added later, at their "off" value: same hash as before them
+        if cfg.get(sec, {}).get(key, off) == off:
+            cfg.get(sec, {}).pop(key, None)
     if cell.kind == "eval":
         data = {k: v for k, v in cfg["data"].items() if k not in ("n", "p", "seed")}
         cfg = {"model": cfg["model"], "eval": cfg["eval"], "align": cfg["align"], "data": data}

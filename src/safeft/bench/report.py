@@ -60,6 +60,8 @@ EXTRA_KEYS = [
     "peak_memory_mb",
     "n_harmful_train",
     "wall_seconds",
+    "hs_copyright",
+    "n_eval_copyright",
 ]
 ABLATION = ["sft", "cwac-weight", "cwac-activation", "cwac"]
 
@@ -169,6 +171,8 @@ def build_rows(preset: Preset, cells: list[Cell], out: Path, judge_acc: dict[str
             gibberish_rate=harm.get("gibberish_rate"),
             n_eval_harmful=harm.get("n"),
             n_eval_task=task.get("n"),
+            hs_copyright=(ev.get("copyright") or {}).get("hs"),
+            n_eval_copyright=(ev.get("copyright") or {}).get("n"),
         )
         row["judge_accuracy"] = judge_acc.get(row["judge"]) if judge_acc else None
         if c.kind == "train":
@@ -297,6 +301,15 @@ def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, 
         lines += [f"## p = {p:g}", "", head, sep]
         lines += [line(r) for r in aligned]
         lines += [line(r) for r in rows if r["p"] == p]
+        lines.append("")
+    cr = [r for r in rows if r.get("hs_copyright") is not None]
+    if cr:
+        lines += ["## HarmBench copyright items (apart from HS)", "",
+                  "A small model cannot reproduce a book or a song: these answers are judged like the others but "
+                  "never counted in HS (`eval.n_copyright`).", "",
+                  "| defense | p | % `harmful` | n |", "|---|---|---|---|"]
+        lines += [f"| {r['defense']} | {_num(r['p'], '{:g}')} | {r['hs_copyright']:.1f} | {r['n_eval_copyright']} |"
+                  for r in cr]
         lines.append("")
     # the ablation rows: sft and the CWAC family, plain and as labelled variants (cwac@x, cwac-weight@x, ...),
     # grouped by label so that each setting's weight-only / activation-only / both sit together
@@ -452,6 +465,7 @@ def write_reports(
         "rows": rows,
         "settings": meta["settings"],
         "defense_options": preset.defense_options,
+        **({"overrides": preset.overrides} if preset.overrides else {}),
         "judge_check": ja,
         **{k: meta[k] for k in ("command", "wall_seconds", "cells_wall_seconds", "machines", "generated_at")},
     }

@@ -29,6 +29,8 @@ _PROMPT_FILES = {
     "harmbench": "harmful/harmbench_test.csv",
     "harmbench_test": "harmful/harmbench_test.csv",
     "harmbench_val": "harmful/harmbench_val.csv",
+    "harmbench_heldout": "harmful/harmbench_test.csv",
+    "harmbench_copyright": "harmful/harmbench_test.csv",
     "strongreject": "harmful/strongreject.csv",
     "strongreject_small": "harmful/strongreject_small.csv",
     "safety_tuned_llamas": "harmful/safety_tuned_llamas_eval.jsonl",
@@ -139,7 +141,10 @@ def load_harmful_pairs(source: str, path: str | os.PathLike | None = None) -> li
 
 def load_harmful_prompts(source: str, path: str | os.PathLike | None = None) -> list[str]:
     """Harmful prompts (anchors or held-out evaluation): advbench goal; harmbench / harmbench_test /
-    harmbench_val Behavior (rows with an empty ContextString only); strongreject / strongreject_small
+    harmbench_val Behavior (rows with an empty ContextString only); harmbench_heldout: the test split's standard and
+    contextual behaviours (context, ``\n\n---\n\n``, behaviour: HarmBench's format), copyright items left out —
+    ``harmbench_copyright`` is those 80 alone (a small model cannot reproduce a book: report them apart);
+    strongreject / strongreject_small
     forbidden_prompt; safety_tuned_llamas instruction (+ input) where harmful_set is true; demo prompts.
     Another source name with ``path=`` reads a column ``prompt``."""
     if source == "demo":
@@ -154,6 +159,13 @@ def load_harmful_prompts(source: str, path: str | os.PathLike | None = None) -> 
     for i, r in enumerate(rows, start=1):
         if source == "advbench":
             p = _col(r, ("goal", "prompt"), src, i)
+        elif source in ("harmbench_heldout", "harmbench_copyright"):
+            copyright_ = _col(r, ("FunctionalCategory",), src, i).strip() == "copyright"
+            if copyright_ != (source == "harmbench_copyright"):
+                continue
+            p, context = _col(r, ("Behavior",), src, i), str(r.get("ContextString") or "").strip()
+            if context:  # HarmBench's own format for a contextual behaviour (its DirectRequest test cases)
+                p = f"{context}\n\n---\n\n{p.strip()}"
         elif source.startswith("harmbench"):
             if str(r.get("ContextString") or "").strip():
                 continue

@@ -275,11 +275,13 @@ def evaluate_model(
     template: str = "chat",
     max_new_tokens: int = 128,
     batch_size: int = 16,
+    copyright_prompts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """One JSON-able report: ``{judge, template, max_new_tokens, harmful: harmful_score(...), task:
     task_accuracy(...) or None, over_refusal: over_refusal(...) or None}``. The task part runs when both ``task``
     and ``task_examples`` are given (with the task's own default ``max_new_tokens``); over-refusal when
-    ``xstest_prompts`` is given."""
+    ``xstest_prompts`` is given; a ``copyright`` section (the same summary as ``harmful``, never part of HS) when
+    ``copyright_prompts`` is given."""
     if (task is None) != (task_examples is None):
         raise SafeFTError("evaluate_model: pass both task and task_examples, or neither")
     report: dict[str, Any] = {
@@ -297,4 +299,7 @@ def evaluate_model(
         report["over_refusal"] = over_refusal(
             model, tok, xstest_prompts, template, max_new_tokens, batch_size, judge=judge
         )
+    if copyright_prompts:
+        report["copyright"] = harmful_score(model, tok, copyright_prompts, judge, template, max_new_tokens,
+                                            batch_size)
     return report

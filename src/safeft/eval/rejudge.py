@@ -46,6 +46,10 @@ def rejudge_report(report: dict[str, Any], judge: Judge, source: str = "eval.jso
     if isinstance(orr, dict):
         sp, sa = _pairs(orr.get("records"), f"{source}: over_refusal.records")
         out["over_refusal"] = over_refusal_summary(sp, sa, judge.outcomes(sp, sa), judge.name)
+    cr = report.get("copyright")
+    if isinstance(cr, dict):
+        cp, ca = _pairs(cr.get("records"), f"{source}: copyright.records")
+        out["copyright"] = outcome_summary(cp, ca, judge.outcomes(cp, ca), judge.name)
     out["judge"] = judge.name
     out["judged_from_stored_answers"] = True
     return out
