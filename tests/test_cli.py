@@ -204,3 +204,19 @@ def test_python_m_safeft_version_and_exit_code_2(tmp_path):
     proc = _run("train", "--config", str(bad))  # fails before torch is imported: under a second
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert re.fullmatch(r"safeft: error: \S*run\.yaml:\d+: malformed YAML \(.*\)\n", proc.stderr), proc.stderr
+
+
+def test_a_command_leaves_the_process_group(tmp_path, capsys):
+    # under torchrun / accelerate launch the CLI destroys the group before the interpreter exits (an exit with gloo
+    # alive has aborted with SIGABRT after the work was saved)
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is unavailable")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["list"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
