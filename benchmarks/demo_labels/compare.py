@@ -102,7 +102,8 @@ def main() -> None:
         lines.append(
             f"| {m} | {pct(hh, 'harmful'):.1f} | {pct(hh, 'refusal'):.1f} |{len_col}"
             f" {pct(jh, 'harmful'):.1f} | "
-            f"{pct(jh, 'refusal'):.1f} | {pct(kh, 'harmful'):.1f} | {pct(hs_, 'refusal'):.1f} / {pct(js_, 'refusal'):.1f} |"
+            f"{pct(jh, 'refusal'):.1f} | {pct(kh, 'harmful'):.1f} | "
+            + (f"{pct(hs_, 'refusal'):.1f} / {pct(js_, 'refusal'):.1f} |" if s else "– (no safe prompts) |")
         )
     lines += ["", f"Agreement on the {n_h} answers to harmful prompts (balanced accuracy = mean of the two recalls):",
               ""]
