@@ -578,6 +578,31 @@ def test_loss_term_multi_layer_early_exit_gradient_and_resume(tiny_tokenizer, tm
     assert not any("layers.2." in n or "layers.3." in n for n in grads)
 
 
+def test_activation_every_k_is_the_same_term_weighted_k_on_every_kth_call_and_resumes(tiny_tokenizer, tmp_path):
+    model = lora(tiny_model())
+    d = make(CWACConfig(**{**FAST, "weight": False}))
+    d.prepare(model, ctx_for(tiny_tokenizer, tmp_path / "a"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    every1 = [float(d.activation_term(model)) for _ in range(2)]
+    d3 = make(CWACConfig(**{**FAST, "weight": False, "activation_every": 3}))
+    d3.prepare(model, ctx_for(tiny_tokenizer, tmp_path / "a"))
+    t = d3.activation_term
+    vals = [float(t(model)) for _ in range(4)]
+    # calls 1 and 4 compute the term (the same anchors as calls 1 and 2 of every=1: one draw per computed call),
+    # weighted 3; calls 2 and 3 cost nothing and return 0
+    assert vals[1] == vals[2] == 0.0 and vals[0] > 0
+    assert vals[0] == pytest.approx(3 * every1[0], rel=1e-5) and vals[3] == pytest.approx(3 * every1[1], rel=1e-5)
+    state = t.state_dict()
+    nxt = [float(t(model)) for _ in range(3)]
+    t.load_state_dict(state)  # a resumed run continues the count (and the anchor draws)
+    assert [float(t(model)) for _ in range(3)] == nxt and nxt[:2] == [0.0, 0.0] and nxt[2] > 0
+    with pytest.raises(SafeFTError, match="activation_every"):
+        CWACConfig(activation_every=0)
+
+
 def test_packed_anchors_equal_padded_values_and_gradients(tiny_tokenizer, tmp_path):
     model = lora(tiny_model())
     d = make(CWACConfig(**{**FAST, "weight": False, "anchor_batch": 4}))

@@ -92,6 +92,7 @@ class ActivationTerm:
         seed: int,
         packed: bool = True,
         log: Callable[[str], None] = print,
+        every: int = 1,
     ):
         self.layers = sorted(saes)
         self.saes, self.features, self.z_base = saes, features, z_base
@@ -102,6 +103,8 @@ class ActivationTerm:
         self.packed = packed
         self.log = log
         self.gen = torch.Generator().manual_seed(int(seed))
+        self.every = int(every)  # computed on every k-th call, weighted k
+        self.calls = 0
         self.rank_world: tuple[int, int] | None = None  # set on first use (the process group exists by then)
 
     def to(self, dev: torch.device) -> ActivationTerm:
@@ -185,8 +188,15 @@ class ActivationTerm:
         return idx[rank::world], world / B
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
-        own, scale = self.draw()
+        """L_safety on this micro-batch's anchors; with ``every`` = k only on every k-th call (counted across
+        resumes), weighted k, and 0 on the others: the same regulariser in expectation over k micro-batches, at
+        1/k of the anchors' forward and backward cost."""
+        self.calls += 1
         dev = next(model.parameters()).device
+        if (self.calls - 1) % self.every:
+            return torch.zeros((), device=dev)
+        own, scale = self.draw()
+        scale *= self.every
         if not own:
             return torch.zeros((), device=dev)
         hs = self.hidden(model, own)
@@ -224,8 +234,10 @@ class ActivationTerm:
         return {L: v / max(1, n) for L, v in total.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"anchor_rng": self.gen.get_state()}
+        return {"anchor_rng": self.gen.get_state(), "calls": torch.tensor(self.calls, dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "anchor_rng" in state:
             self.gen.set_state(state["anchor_rng"].to(torch.uint8).cpu())
+        if "calls" in state:
+            self.calls = int(state["calls"])

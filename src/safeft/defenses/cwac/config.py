@@ -41,7 +41,7 @@ class CWACConfig(DefenseConfig):
     anchor_sources, anchor_judge, near_dup_threshold, max_new_tokens_anchor_check. SAE: sae_layers (or the old
     single sae_layer), n_sae_layers, sae_path, sae_width_factor, sae_k, sae_tokens, sae_steps, sae_batch_size,
     sae_lr, sae_aux_coef, benign_fraction, sae_general_sources, keep_activations. Features: n_features,
-    n_positions, causal_check, causal_min_drop, require_causal. Training: anchor_batch, packed_anchors.
+    n_positions, causal_check, causal_min_drop, require_causal. Training: anchor_batch, packed_anchors, activation_every.
     """
 
     weight: bool = True
@@ -85,6 +85,8 @@ class CWACConfig(DefenseConfig):
     # -- training
     anchor_batch: int = 4
     packed_anchors: bool = True
+    # L_safety on every k-th micro-batch, weighted k (the same regulariser in expectation at 1/k of its cost)
+    activation_every: int = 1
 
     def __post_init__(self) -> None:
         for f in (
@@ -125,6 +127,7 @@ class CWACConfig(DefenseConfig):
             "n_features": 1,
             "n_positions": 1,
             "anchor_batch": 1,
+            "activation_every": 1,
             "n_anchor": 4,
             "max_new_tokens_anchor_check": 1,
             "subspace_prompt_tokens": 0,

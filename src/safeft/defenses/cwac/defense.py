@@ -481,7 +481,7 @@ class CWAC(Defense):
         norms = {int(L): float(v) for L, v in meta["norms"].items()}
         act = ActivationTerm(
             saes, feats, z_base, norms, base_seqs, cfg.n_positions, cfg.anchor_batch, pad, int(ctx.seed),
-            packed=cfg.packed_anchors, log=self.log,
+            packed=cfg.packed_anchors, log=self.log, every=cfg.activation_every,
         )  # fmt: skip
         return act, sae_meta, meta
 
