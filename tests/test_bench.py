@@ -330,6 +330,38 @@ def test_rows_ratios_tables_and_plot_from_finished_cells(tmp_path):
     assert "| cwac | 10.0 [5.0, 15.0] |" in md  # HS unchanged by them
 
 
+def test_grid_blocks_union_and_seed_spread_table(tmp_path):
+    text = MINI.replace(
+        "grid: {p: [0.1, 0.2], defenses: [cwac, sft, cwac-weight, pact], seeds: [0]}",
+        "grid:\n  - {p: [0.1], defenses: [sft, cwac, pact]}\n  - {p: [0, 0.1], defenses: [sft, cwac]}\n"
+        "  - {p: [0.1], defenses: [sft, cwac], seeds: [1, 2]}",
+    )
+    pre = load_preset(_write_preset(tmp_path, text))
+    assert pre.p == [0.0, 0.1] and pre.seeds == [0, 1, 2] and pre.defenses == ["sft", "cwac", "pact"]
+    out = tmp_path / "res"
+    cells = plan_cells(pre, out)
+    ids = [c.id for c in cells]
+    assert ids == ["aligned", "p0-sft-s0", "p0-cwac-s0", "p0.1-sft-s0", "p0.1-cwac-s0", "p0.1-pact-s0",
+                   "p0.1-sft-s1", "p0.1-cwac-s1", "p0.1-sft-s2", "p0.1-cwac-s2"]  # the union, each cell once
+    by = {c.id: c for c in cells}
+    _fake_cell(out, by["aligned"], 2.0, 50.0)
+    for seed, (hs, fa) in enumerate([(10.0, 80.0), (20.0, 84.0), (30.0, 88.0)]):
+        _fake_cell(out, by[f"p0.1-cwac-s{seed}"], hs, fa, step=2.0, mem=1000.0)
+        _fake_cell(out, by[f"p0.1-sft-s{seed}"], 60.0, 90.0, step=2.0, mem=1000.0)
+    write_reports(pre, cells, out, command="safeft bench --preset mini", wall_seconds=1.0)
+    md = (out / "results.md").read_text()
+    assert "## Across seeds" in md
+    assert "| 0.1 | cwac | 0, 1, 2 | 20.0 (10.0–30.0) | – | 84.0 (80.0–88.0) |" in md
+    assert "| 0.1 | sft | 0, 1, 2 | 60.0 (60.0–60.0) |" in md and "| 0.1 | pact |" not in md.split("## Across")[1]
+    bad = MINI.replace("grid: {p: [0.1, 0.2], defenses: [cwac, sft, cwac-weight, pact], seeds: [0]}",
+                       "grid:\n  - {p: [0.1], defenses: [sft]}\n  - {p: [2.0], defenses: [sft]}")
+    with pytest.raises(SafeFTError, match=r"grid\[1\]\.p"):
+        load_preset(_write_preset(tmp_path, bad))
+    with pytest.raises(SafeFTError, match="non-empty list"):
+        load_preset(_write_preset(tmp_path, MINI.replace(
+            "grid: {p: [0.1, 0.2], defenses: [cwac, sft, cwac-weight, pact], seeds: [0]}", "grid: []")))
+
+
 def test_variant_rows_join_the_ablation_grouped_by_label(tmp_path):
     text = MINI.replace("defenses: [cwac, sft, cwac-weight, pact]", "defenses: [sft, cwac, cwac@x, cwac-weight@x]")
     text += "  cwac@x: {lam: 5.0}\n  cwac-weight@x: {lam: 5.0}\n"

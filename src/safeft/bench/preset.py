@@ -7,6 +7,9 @@ Preset keys::
     description: one line
     base: {dotted.key: value}       # config overrides applied to every cell (nested mappings are flattened)
     grid: {p: [0.1], defenses: [sft, cwac, cwac@lam5], seeds: [0]}   # seeds set training.seed
+                                    # or a list of such blocks; the cells are their union, e.g.
+                                    # [{p: [0.1], defenses: [sft, cwac, lisa]}, {p: [0, 0.2], defenses: [sft, cwac]},
+                                    #  {defenses: [sft, cwac], seeds: [1, 2]}]
     defense_options: {cwac: {n_anchor: 60}, cwac@lam5: {lam: 5.0}}
                                     # cwac-weight / cwac-activation fall back to cwac's options
     overrides: {pact@authors: {training.lr: 3.0e-5, training.lora_targets: [q_proj, v_proj]}}
@@ -70,6 +73,8 @@ class Preset:
     defense_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     include_aligned: bool = True
+    # the grid's blocks (p, defenses, seeds): one for a grid mapping, several for a list of them (cells = union)
+    blocks: list[tuple[list[float], list[str], list[int]]] = field(default_factory=list)
     cell_timeout_minutes: float | None = None
     path: Path | None = None
 
@@ -173,30 +178,18 @@ def load_preset(name_or_path: str) -> Preset:
             f"{path}: unknown preset key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(PRESET_KEYS))}"
         )
     base = data.get("base") or {}
-    grid = data.get("grid") or {}
+    grid = {} if data.get("grid") is None else data["grid"]
     opts = data.get("defense_options") or {}
     overrides = data.get("overrides") or {}
-    for key, val in (("base", base), ("grid", grid), ("defense_options", opts), ("overrides", overrides)):
+    for key, val in (("base", base), ("defense_options", opts), ("overrides", overrides)):
         if not isinstance(val, dict):
             raise SafeFTError(f"{path}: {key} must be a mapping")
-    bad = sorted(set(grid) - GRID_KEYS)
-    if bad:
-        raise SafeFTError(f"{path}: unknown grid key(s) {', '.join(bad)}; allowed: p, defenses, seeds")
-    p = grid.get("p", [0.1])
-    defenses = grid.get("defenses", ["sft"])
-    seeds = grid.get("seeds", [0])
-    p = p if isinstance(p, list) else [p]
-    seeds = seeds if isinstance(seeds, list) else [seeds]
-    defenses = defenses if isinstance(defenses, list) else [defenses]
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1 for x in p) or not p:
-        raise SafeFTError(f"{path}: grid.p must be a non-empty list of fractions in [0, 1], got {p!r}")
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or not seeds:
-        raise SafeFTError(f"{path}: grid.seeds must be a non-empty list of integers, got {seeds!r}")
-    if not defenses:
-        raise SafeFTError(f"{path}: grid.defenses is empty; name at least one defense (see `safeft list`)")
+    if not isinstance(grid, (dict, list)) or (isinstance(grid, list) and not grid):
+        raise SafeFTError(f"{path}: grid must be a mapping (p, defenses, seeds) or a non-empty list of them")
+    blocks = [_grid_block(path, g, f"grid[{i}]" if isinstance(grid, list) else "grid")
+              for i, g in enumerate(grid if isinstance(grid, list) else [grid])]
+    defenses = list(dict.fromkeys(d for b in blocks for d in b[1]))
     known = set(defense_names())
-    if len(set(map(str, defenses))) != len(defenses):
-        raise SafeFTError(f"{path}: grid.defenses lists an entry twice: {defenses!r}")
     for d in defenses:
         if d == ALIGNED:
             raise SafeFTError(
@@ -245,15 +238,40 @@ def load_preset(name_or_path: str) -> Preset:
         name=str(data.get("name") or path.stem),
         description=str(data.get("description") or ""),
         base=_flatten(base),
-        p=[float(x) for x in p],
-        defenses=[str(d) for d in defenses],
-        seeds=list(seeds),
+        p=sorted({x for b in blocks for x in b[0]}) if len(blocks) > 1 else blocks[0][0],
+        defenses=defenses,
+        seeds=sorted({s for b in blocks for s in b[2]}) if len(blocks) > 1 else blocks[0][2],
+        blocks=blocks,
         defense_options={str(k): dict(v) for k, v in opts.items()},
         overrides=flat_overrides,
         include_aligned=bool(data.get("include_aligned", True)),
         cell_timeout_minutes=float(timeout) if timeout is not None else None,
         path=path,
     )
+
+
+def _grid_block(path: Path, grid: Any, where: str) -> tuple[list[float], list[str], list[int]]:
+    """(p, defenses, seeds) of one grid mapping, checked."""
+    if not isinstance(grid, dict):
+        raise SafeFTError(f"{path}: {where} must be a mapping with keys p, defenses, seeds")
+    bad = sorted(set(grid) - GRID_KEYS)
+    if bad:
+        raise SafeFTError(f"{path}: unknown {where} key(s) {', '.join(bad)}; allowed: p, defenses, seeds")
+    p = grid.get("p", [0.1])
+    defenses = grid.get("defenses", ["sft"])
+    seeds = grid.get("seeds", [0])
+    p = p if isinstance(p, list) else [p]
+    seeds = seeds if isinstance(seeds, list) else [seeds]
+    defenses = defenses if isinstance(defenses, list) else [defenses]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1 for x in p) or not p:
+        raise SafeFTError(f"{path}: {where}.p must be a non-empty list of fractions in [0, 1], got {p!r}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or not seeds:
+        raise SafeFTError(f"{path}: {where}.seeds must be a non-empty list of integers, got {seeds!r}")
+    if not defenses:
+        raise SafeFTError(f"{path}: {where}.defenses is empty; name at least one defense (see `safeft list`)")
+    if len(set(map(str, defenses))) != len(defenses):
+        raise SafeFTError(f"{path}: {where}.defenses lists an entry twice: {defenses!r}")
+    return [float(x) for x in p], [str(d) for d in defenses], list(seeds)
 
 
 def split_variant(entry: str) -> tuple[str, str | None]:
@@ -309,9 +327,12 @@ def plan_cells(preset: Preset, out_dir: Path | None = None, only: list[str] | No
         ov = dict(base)
         ov["defense.name"] = "sft"
         cells.append(Cell(ALIGNED, ALIGNED, None, preset.seeds[0], "eval", ov))
+    blocks = preset.blocks or [(preset.p, preset.defenses, preset.seeds)]
     for p in preset.p:
         for seed in preset.seeds:
             for d in order:
+                if not any(p in b[0] and d in b[1] and seed in b[2] for b in blocks):
+                    continue
                 ov = dict(base)
                 spec = split_variant(d)[0]
                 ov.update(expand_vars(preset.overrides.get(d, {}), f"{preset.path}: overrides.{d}", out_dir))

@@ -302,6 +302,7 @@ def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, 
         lines += [line(r) for r in aligned]
         lines += [line(r) for r in rows if r["p"] == p]
         lines.append("")
+    lines += seed_spread_lines(rows)
     cr = [r for r in rows if r.get("hs_copyright") is not None]
     if cr:
         lines += ["## HarmBench copyright items (apart from HS)", "",
@@ -362,6 +363,31 @@ def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, 
         "",
     ]
     return "\n".join(lines)
+
+
+def seed_spread_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """A markdown table of every (p, defense) finished under two or more seeds: mean and range (min–max) of HS,
+    refusal rate and FA. Empty when no defense has two seeds."""
+    groups: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["status"] == "ok" and r["defense"] != ALIGNED and r["hs"] is not None:
+            groups.setdefault((r["p"], r["defense"]), []).append(r)
+    multi = {k: v for k, v in groups.items() if len({r["seed"] for r in v}) > 1}
+    if not multi:
+        return []
+
+    def spread(vals: list[float | None]) -> str:
+        v = [x for x in vals if x is not None]
+        return "–" if not v else f"{sum(v) / len(v):.1f} ({min(v):.1f}–{max(v):.1f})"
+
+    out = ["## Across seeds", "", "Mean over seeds, range (min–max) in brackets: the seed-to-seed spread, beside each "
+           "cell's own bootstrap CI above.", "", "| p | defense | seeds | HS % ↓ | refusal % | FA % ↑ |",
+           "|---|---|---|---|---|---|"]
+    for (p, d), rs in sorted(multi.items(), key=lambda kv: (kv[0][0], kv[0][1] != "sft", kv[0][1])):
+        out.append(f"| {p:g} | {d} | {', '.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} | "
+                   f"{spread([r['hs'] for r in rs])} | {spread([r['refusal_rate'] for r in rs])} | "
+                   f"{spread([r['fa'] for r in rs])} |")
+    return out + [""]
 
 
 # ---- plot --------------------------------------------------------------------------------------------------------
