@@ -40,6 +40,8 @@ def _train(defense: str, out: Path, args: argparse.Namespace, artifacts: Path) -
         "--artifacts-dir", str(artifacts), "--set", "training.save_steps=100000", "--set", "training.progress=false",
         "--set", "data.max_length=128",
     ]
+    for kv in args.set or []:
+        cmd += ["--set", kv]
     if defense.startswith("cwac"):
         cmd += ["--set", f"defense.options.{defense}={args.current_options}"]
     t0 = time.perf_counter()
@@ -70,6 +72,8 @@ def main() -> None:
              "compare settings (default: '{n_anchor: 60, sae_steps: 300}')",
     )
     p.add_argument("--artifacts", default=None, help="an artifacts folder to reuse (default: a fresh one)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="more config for every run, e.g. align.n_refusal=400 (the tiny preset's θ₀)")
     p.add_argument("--out", default=str(HERE / "results" / "cwac_overhead.json"))
     args = p.parse_args()
     variants = args.options or ["{n_anchor: 60, sae_steps: 300}"]
