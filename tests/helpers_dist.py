@@ -37,10 +37,10 @@ def torchrun(args: Sequence[str], *, timeout: int, env: dict[str, str] | None = 
 
 
 def teardown() -> None:
-    """Leave the process group at the end of a worker: wait for every rank, then destroy it. A worker that exits
-    with gloo still alive has aborted at interpreter shutdown ("terminate called without an active exception",
-    SIGABRT) once in a while, on any rank, after all its work was written."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    """Leave the process group at the end of a worker, as the CLI does (:func:`safeft.cli.leave_process_group`: wait
+    for every rank, then destroy it). A worker that exits with gloo still alive has aborted at interpreter shutdown
+    ("terminate called without an active exception", SIGABRT) once in a while, on any rank, after all its work was
+    written."""
+    from safeft.cli import leave_process_group
+
+    leave_process_group(wait=True)

@@ -451,18 +451,18 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         rc = ns.func(ns)
-        _leave_process_group(wait=True)
+        leave_process_group(wait=True)
         return rc
     except SafeFTError as e:
         print(f"safeft: error: {e}", file=sys.stderr)
-        _leave_process_group(wait=False)
+        leave_process_group(wait=False)
         return 2
     except KeyboardInterrupt:
         print("safeft: interrupted; finished checkpoints are kept: rerun with --resume to continue", file=sys.stderr)
         return 130
 
 
-def _leave_process_group(*, wait: bool) -> None:
+def leave_process_group(*, wait: bool) -> None:
     """Under ``accelerate launch`` / ``torchrun``: destroy the process group before the interpreter exits (an exit
     with gloo alive has aborted with SIGABRT after the work was saved). ``wait`` first waits for every rank; an
     error path does not wait, another rank may never arrive."""
