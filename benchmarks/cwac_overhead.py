@@ -31,7 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def _train(defense: str, out: Path, args: argparse.Namespace, artifacts: Path) -> dict:
+def _train(defense: str, out: Path, args: argparse.Namespace, artifacts: Path, options: str | None = None) -> dict:
     cmd = [
         sys.executable, "-m", "safeft.cli", "train", "--defense", defense, "--model", args.model,
         "--base-model", args.base_model, "--task", args.task, "--harmful-source", args.harmful_source,
@@ -42,8 +42,8 @@ def _train(defense: str, out: Path, args: argparse.Namespace, artifacts: Path) -
     ]
     for kv in args.set or []:
         cmd += ["--set", kv]
-    if defense.startswith("cwac"):
-        cmd += ["--set", f"defense.options.{defense}={args.current_options}"]
+    if options is not None:
+        cmd += ["--set", f"defense.options.{defense}={options}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -84,8 +84,7 @@ def main() -> None:
         for i in range(args.repeats):
             sft = _train("sft", Path(tmp) / f"sft{i}", args, artifacts)
             for j, v in enumerate(variants):
-                args.current_options = v
-                cw = _train(args.defense, Path(tmp) / f"cwac{i}-{j}", args, artifacts)
+                cw = _train(args.defense, Path(tmp) / f"cwac{i}-{j}", args, artifacts, options=v)
                 pairs[v].append({
                     "sft_step_s": sft["step_seconds_mean"], "cwac_step_s": cw["step_seconds_mean"],
                     "step_ratio": cw["step_seconds_mean"] / sft["step_seconds_mean"],
