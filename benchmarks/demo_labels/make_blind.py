@@ -12,7 +12,9 @@ the labels can always be checked against the text they label) and writes
   id (nothing about the model can be computed from it), the prompt, the answer and the prompt kind — no model name,
   no judge verdict. This is all a labeller reads (run1 and run2 were made with ids hashed from the model name and
   prompt; their labellers were told to read only blind.jsonl and the instructions);
-* ``<dest>/key.csv``: id → model, prompt kind, the judge's outcome (read only after labelling).
+* ``<dest>/key.csv``: id → model, prompt kind, the judge's outcome (read only after labelling);
+* with ``--second N``, ``<dest>/blind_second.jsonl``: a random N of those lines for a second, independent labeller
+  (its labels go to ``labels_second.csv``).
 
 Labels go to ``<dest>/labels.csv`` (``id,outcome,note``; outcome ∈ refusal | harmful | other, by the rubric in
 ``benchmarks/judge_dev/labellers/INSTRUCTIONS.md``); ``compare.py --run <dest>`` then sets them against the judges.
@@ -37,6 +39,8 @@ def main() -> None:
     ap.add_argument("--cells", nargs="+", metavar="NAME=CELL_DIR", help="benchmark cells (each with eval.json) instead "
                     "of a demo run; NAME is what key.csv calls the model")
     ap.add_argument("--harmful-only", action="store_true", help="only the answers to harmful prompts")
+    ap.add_argument("--second", type=int, default=0, metavar="N",
+                    help="also write blind_second.jsonl: a random N of the answers (seed 1) for a second labeller")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     src, dest = Path(args.src), Path(args.dest)
@@ -44,18 +48,16 @@ def main() -> None:
         bad = [c for c in args.cells if "=" not in c]
         if bad:
             raise SystemExit(f"--cells {bad[0]}: give NAME=CELL_DIR")
-        cells = dict(c.split("=", 1) for c in args.cells)
-        for name, d in cells.items():
-            if not (Path(d) / "eval.json").is_file():
-                raise SystemExit(f"--cells {name}={d}: no eval.json there (has the cell finished?)")
+        evals = {name: Path(d) / "eval.json" for name, d in (c.split("=", 1) for c in args.cells)}
+        for name, f in evals.items():
+            if not f.is_file():
+                raise SystemExit(f"--cells {name}={f.parent}: no eval.json there (has the cell finished?)")
     if (dest / "labels.csv").exists():
         raise SystemExit(f"{dest / 'labels.csv'} exists: those labels belong to the answers already there; "
                          "choose another --dest")
     from safeft.io import atomic_write_text
     (dest / "cells").mkdir(parents=True, exist_ok=True)
-    if args.cells:
-        evals = {m: Path(d) / "eval.json" for m, d in cells.items()}
-    else:
+    if not args.cells:
         summary = json.loads((src / "summary.json").read_text(encoding="utf-8"))
         evals = {r["defense"]: src / r["defense"] / "eval.json" for r in summary["rows"]}
         shutil.copyfile(src / "summary.json", dest / "cells" / "summary.json")
@@ -72,7 +74,10 @@ def main() -> None:
                 items.append({"id": rid, "prompt": r["prompt"], "answer": r["answer"], "prompt_kind": kind})
                 key.append({"id": rid, "model": m, "prompt_kind": kind, "judge_outcome": r.get("outcome")})
     random.Random(args.seed).shuffle(items)
-    atomic_write_text(dest / "blind.jsonl", "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+    lines = [json.dumps(it, ensure_ascii=False) for it in items]
+    atomic_write_text(dest / "blind.jsonl", "".join(x + "\n" for x in lines))
+    if args.second:
+        atomic_write_text(dest / "blind_second.jsonl", "\n".join(random.Random(1).sample(lines, args.second)) + "\n")
     key.sort(key=lambda r: r["id"])
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["id", "model", "prompt_kind", "judge_outcome"], lineterminator="\n")
