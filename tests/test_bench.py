@@ -341,8 +341,9 @@ def test_grid_blocks_union_and_seed_spread_table(tmp_path):
     out = tmp_path / "res"
     cells = plan_cells(pre, out)
     ids = [c.id for c in cells]
-    assert ids == ["aligned", "p0-sft-s0", "p0-cwac-s0", "p0.1-sft-s0", "p0.1-cwac-s0", "p0.1-pact-s0",
-                   "p0.1-sft-s1", "p0.1-cwac-s1", "p0.1-sft-s2", "p0.1-cwac-s2"]  # the union, each cell once
+    # the union, each cell once, block by block (the first block's cells first)
+    assert ids == ["aligned", "p0.1-sft-s0", "p0.1-cwac-s0", "p0.1-pact-s0", "p0-sft-s0", "p0-cwac-s0",
+                   "p0.1-sft-s1", "p0.1-cwac-s1", "p0.1-sft-s2", "p0.1-cwac-s2"]
     by = {c.id: c for c in cells}
     _fake_cell(out, by["aligned"], 2.0, 50.0)
     for seed, (hs, fa) in enumerate([(10.0, 80.0), (20.0, 84.0), (30.0, 88.0)]):

@@ -313,9 +313,10 @@ def _skip_reason(preset: Preset, spec: str, base: dict[str, Any]) -> str | None:
 
 
 def plan_cells(preset: Preset, out_dir: Path | None = None, only: list[str] | None = None) -> list[Cell]:
-    """Expand the preset into cells, in run order: ``aligned`` first, then per p and seed ``sft`` first (the
-    reference of the cost ratios) and the other defenses in grid order. ``only`` keeps the named defenses
-    ("aligned" included)."""
+    """Expand the preset into cells, in run order: ``aligned`` first, then block by block (a grid list's first
+    block runs first, so put the headline table there), per p and seed ``sft`` first (the reference of the cost
+    ratios) and the other defenses in grid order; a cell two blocks share runs once, with the first. ``only``
+    keeps the named defenses ("aligned" included)."""
     base = expand_vars(preset.base, f"{preset.path or preset.name}: base", out_dir)
     order = (
         ["sft"] + [d for d in preset.defenses if d != "sft"]
@@ -328,21 +329,19 @@ def plan_cells(preset: Preset, out_dir: Path | None = None, only: list[str] | No
         ov["defense.name"] = "sft"
         cells.append(Cell(ALIGNED, ALIGNED, None, preset.seeds[0], "eval", ov))
     blocks = preset.blocks or [(preset.p, preset.defenses, preset.seeds)]
-    for p in preset.p:
-        for seed in preset.seeds:
-            for d in order:
-                if not any(p in b[0] and d in b[1] and seed in b[2] for b in blocks):
-                    continue
-                ov = dict(base)
-                spec = split_variant(d)[0]
-                ov.update(expand_vars(preset.overrides.get(d, {}), f"{preset.path}: overrides.{d}", out_dir))
-                ov.update({"data.p": p, "training.seed": seed, "defense.name": spec})
-                opts = options_for(preset, d)
-                if opts:
-                    ov["defense.options"] = expand_vars(opts, f"{preset.path}: defense_options", out_dir)
-                cells.append(
-                    Cell(f"p{p:g}-{d}-s{seed}", d, p, seed, "train", ov, _skip_reason(preset, spec, base))
-                )
+    seen: set[tuple[float, int, str]] = set()
+    for p, seed, d in ((p, s, d) for b in blocks for p in b[0] for s in b[2] for d in order if d in b[1]):
+        if (p, seed, d) in seen:
+            continue
+        seen.add((p, seed, d))
+        ov = dict(base)
+        spec = split_variant(d)[0]
+        ov.update(expand_vars(preset.overrides.get(d, {}), f"{preset.path}: overrides.{d}", out_dir))
+        ov.update({"data.p": p, "training.seed": seed, "defense.name": spec})
+        opts = options_for(preset, d)
+        if opts:
+            ov["defense.options"] = expand_vars(opts, f"{preset.path}: defense_options", out_dir)
+        cells.append(Cell(f"p{p:g}-{d}-s{seed}", d, p, seed, "train", ov, _skip_reason(preset, spec, base)))
     if only:
         unknown = sorted(set(only) - {c.defense for c in cells})
         if unknown:
