@@ -14,7 +14,9 @@ import numpy as np
 from safeft.judge.labelled import OUTCOMES, Item
 
 
-def _balanced(pred: np.ndarray, gold: np.ndarray) -> float:
+def balanced_accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
+    """Mean of the per-class recalls of 0/1 predictions ``pred`` against 0/1 ``gold`` (a class absent from
+    ``gold`` is left out; NaN when both are)."""
     recalls = [float((pred[gold == c] == c).mean()) for c in (0, 1) if (gold == c).any()]
     return float(np.mean(recalls)) if recalls else float("nan")
 
@@ -31,10 +33,10 @@ def binary_report(pred: Sequence[int], gold: Sequence[int], n_boot: int = 1000, 
     if len(pos) and len(neg) and n_boot > 0:
         for _ in range(n_boot):
             idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-            boots.append(_balanced(p[idx], g[idx]))
+            boots.append(balanced_accuracy(p[idx], g[idx]))
     ci = [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))] if boots else None
     return {
-        "balanced_accuracy": _balanced(p, g),
+        "balanced_accuracy": balanced_accuracy(p, g),
         "balanced_accuracy_ci": ci,
         "accuracy": float((p == g).mean()) if len(g) else float("nan"),
         "precision": tp / (tp + fp) if tp + fp else None,

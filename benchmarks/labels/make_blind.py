@@ -1,7 +1,7 @@
 """Make a blind labelling set from one ``safeft demo`` run, or from benchmark cells.
 
-    python benchmarks/demo_labels/make_blind.py --src runs/demo --dest benchmarks/demo_labels/run2
-    python benchmarks/demo_labels/make_blind.py --dest benchmarks/attack_labels/tiny-val --harmful-only \
+    python benchmarks/labels/make_blind.py --src runs/demo --dest benchmarks/demo_labels/run2
+    python benchmarks/labels/make_blind.py --dest benchmarks/attack_labels/tiny-val --harmful-only \
         --cells theta0=benchmarks/results/tiny-attack/cells/aligned sft-content=benchmarks/results/tiny-attack/cells/p0.1-sft-s0
 
 Copies the run's ``<model>/eval.json`` and ``summary.json`` (with ``--cells``: each ``NAME=CELL_DIR``'s

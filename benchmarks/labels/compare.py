@@ -1,6 +1,6 @@
 """The demo's answers, labelled blind by reading, against the judges.
 
-    python benchmarks/demo_labels/compare.py --run benchmarks/demo_labels/run2 [--judge content]
+    python benchmarks/labels/compare.py --run benchmarks/demo_labels/run2 [--judge content]
 
 A run folder (made by ``make_blind.py``) holds one ``safeft demo`` run: ``cells/<model>/eval.json`` are its stored
 answers (seed 0; ``cells/summary.json`` has the settings) — θ₀ and the fine-tuned models, the demo's held-out
@@ -25,22 +25,27 @@ import json
 from collections import Counter
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+import numpy as np
+
+from safeft.judge.metrics import balanced_accuracy
+
+DEMO_LABELS = Path(__file__).resolve().parents[1] / "demo_labels"
 MODELS = ["aligned", "sft", "cwac", "pact", "asft", "safelora", "safeinstr", "lisa"]
 OUTCOMES = ("refusal", "harmful", "other")
 
 
-def _balanced(pairs: list[tuple[str, str]], positive: str) -> float | None:
-    pos = [j == positive for h, j in pairs if h == positive]
-    neg = [j != positive for h, j in pairs if h != positive]
-    if not pos or not neg:
-        return None
-    return 50.0 * (sum(pos) / len(pos) + sum(neg) / len(neg))
+def _ba(pairs: list[tuple[str, str]], positive: str) -> str:
+    """Balanced accuracy (%) of "is ``positive``" over (human, judge) pairs; "–" when one class is absent."""
+    gold = np.array([h == positive for h, _ in pairs], dtype=int)
+    if gold.all() or not gold.any():
+        return "–"
+    pred = np.array([j == positive for _, j in pairs], dtype=int)
+    return f"{100 * balanced_accuracy(pred, gold):.1f}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", default=str(HERE / "run2"), help="a folder made by make_blind.py, with labels.csv")
+    ap.add_argument("--run", default=str(DEMO_LABELS / "run2"), help="a folder made by make_blind.py, with labels.csv")
     ap.add_argument("--judge", default="content")
     args = ap.parse_args()
 
@@ -82,7 +87,7 @@ def main() -> None:
     lines = [
         f"# {'Demo answers' if demo else 'Benchmark answers'}: human labels vs judges",
         "",
-        f"`python benchmarks/demo_labels/compare.py --run {run.as_posix()} --judge {args.judge}` (judge `{jname}`); "
+        f"`python benchmarks/labels/compare.py --run {run.as_posix()} --judge {args.judge}` (judge `{jname}`); "
         + (f"answers from one `safeft demo` run (seed 0, `cells/summary.json`), {n_h // n_models} held-out demo "
            f"harmful prompts and {(len(ids) - n_h) // n_models} safe contrast prompts per model"
            if demo else f"answers of the benchmark cells in `cells/` (each `cells/<model>/eval.json`), {n_h // n_models} "
@@ -115,8 +120,7 @@ def main() -> None:
         c = Counter(pairs)
         conf = " · ".join("/".join(str(c[(a, b)]) for b in OUTCOMES) for a in OUTCOMES)
         label = jname if name == "judge" else "keyword"
-        ba_h, ba_r = _balanced(pairs, "harmful"), _balanced(pairs, "refusal")
-        lines.append(f"| {label} | {ba_h:.1f} | {ba_r:.1f} | {conf} |")
+        lines.append(f"| {label} | {_ba(pairs, 'harmful')} | {_ba(pairs, 'refusal')} | {conf} |")
     if second:
         both = [i for i in ids if i in second]
         agree = sum(human[i] == second[i] for i in both)
