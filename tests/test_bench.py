@@ -81,15 +81,27 @@ defense_options:
 
 
 def test_shipped_presets_plan_and_validate(tmp_path):
-    tiny = plan_cells(load_preset("tiny"), tmp_path)
-    assert len(tiny) == 19 and tiny[0].id == "aligned" and tiny[0].kind == "eval"
-    assert [c.defense for c in tiny[1:3]] == ["sft", "cwac"]  # sft first: the reference of the cost ratios
-    assert not any(c.skip for c in tiny)  # tiny has θ_b
-    for c in tiny:  # every cell's config validates (values, ranges, defense options)
+    v1 = plan_cells(load_preset("tiny-v1"), tmp_path)  # the first benchmark, kept with its cells
+    assert len(v1) == 19 and v1[0].id == "aligned" and v1[0].kind == "eval"
+    assert [c.defense for c in v1[1:3]] == ["sft", "cwac"]  # sft first: the reference of the cost ratios
+    assert not any(c.skip for c in v1)  # tiny has θ_b
+    for c in v1:  # every cell's config validates (values, ranges, defense options)
         cfg = cell_config(c, tmp_path / c.id)
         assert cfg["data"]["harmful_source"] == "hh_rlhf" and cfg["eval"]["harmful_source"] == "harmbench"
         if c.defense in ("cwac", "cwac-weight"):  # the setting chosen on validation prompts (cwac-tune)
             assert cfg["defense"]["options"][c.defense]["layers"] == "all"
+    tiny = plan_cells(load_preset("tiny"), tmp_path)
+    assert [c.id for c in tiny[:3]] == ["aligned", "p0.1-sft-s0", "p0.1-cwac-s0"]  # the headline block first
+    for c in tiny:
+        cfg = cell_config(c, tmp_path / c.id)
+        assert cfg["data"]["harmful_source"] == "smollm2_content"  # the content attack
+        ev = cfg["eval"]
+        assert ev["harmful_source"] == "harmbench_heldout" and ev["n_harmful"] >= 200 and ev["n_xstest"] >= 100
+        assert ev["n_copyright"] > 0
+    seeds = {(c.defense, c.seed) for c in tiny if c.p == 0.1}
+    assert {("sft", s) for s in (0, 1, 2)} | {("cwac", s) for s in (0, 1, 2)} <= seeds
+    assert {c.p for c in tiny if c.defense == "cwac"} == {0.0, 0.05, 0.1, 0.2}
+    assert {cell_config(c, tmp_path)["data"]["task"] for c in tiny if c.kind == "train"} == {"sst2", "agnews"}
     small = plan_cells(load_preset("small"), tmp_path)
     skipped = {c.defense: c.skip for c in small if c.skip}
     assert set(skipped) == {"pact", "asft", "safelora"}
@@ -104,6 +116,28 @@ def test_shipped_presets_plan_and_validate(tmp_path):
             assert set(per.values()) == {3} and len(per) == 8, per
     tune = {c.defense: cell_config(c, tmp_path)["defense"]["options"] for c in val if c.kind == "train"}
     assert tune["cwac@all-layers-lam5"]["cwac"] == {"n_anchor": 60, "sae_steps": 300, "layers": "all", "lam": 5.0}
+
+
+def test_tiny_runs_the_settings_tiny_tune_chose(tmp_path):
+    """The chosen setting of every defense carries from the tuning preset to tiny unchanged (issue 14)."""
+    root = Path(__file__).resolve().parents[1]
+    sel = json.loads((root / "benchmarks/results/tiny-tune/selection.json").read_text())["p0.1-s0"]
+    tune = {c.defense: cell_config(c, tmp_path) for c in plan_cells(load_preset("tiny-tune"), tmp_path)
+            if c.kind == "train"}
+    tiny = [c for c in plan_cells(load_preset("tiny"), tmp_path) if c.kind == "train" and c.p == 0.1 and c.seed == 0]
+    checked = []
+    for c in tiny:
+        if c.defense == "sft" or "@" in c.defense or c.defense.startswith("cwac-"):
+            continue  # the reference, the second task, CWAC's halves (they take cwac's options)
+        s = sel[c.defense]
+        assert s["chosen"] and "not finished" not in s["why"], f"{c.defense}: tiny-tune has not chosen yet"
+        cfg, t = cell_config(c, tmp_path), tune[s["chosen"]]
+        assert cfg["defense"]["name"] == t["defense"]["name"] == c.defense
+        assert cfg["defense"]["options"].get(c.defense, {}) == t["defense"]["options"].get(c.defense, {}), c.defense
+        assert {**cfg["training"], "output_dir": None} == {**t["training"], "output_dir": None}, c.defense
+        assert cfg["data"] == t["data"] and cfg["model"] == t["model"] and cfg["align"] == t["align"]
+        checked.append(c.defense)
+    assert {"cwac", "pact"} <= set(checked)
 
 
 def test_plan_order_options_fallback_and_only(tmp_path):
