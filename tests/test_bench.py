@@ -107,7 +107,7 @@ def test_shipped_presets_plan_and_validate(tmp_path):
     assert set(skipped) == {"pact", "asft", "safelora"}
     assert all("θ_b" in r for r in skipped.values())
     assert {cell_config(c, tmp_path)["data"]["harmful_source"] for c in small if not c.skip} == {"advbench"}
-    for name in ("small-attack", "small-cwac-tune", "tiny-val", "tiny-attack", "tiny-attack-echo", "tiny-attack-hh",
+    for name in ("small-attack", "small-attack-content", "small-cwac-tune", "tiny-val", "tiny-attack", "tiny-attack-echo", "tiny-attack-hh",
                  "tiny-tune", "cwac-tune"):  # tuning presets: no test prompts
         val = plan_cells(load_preset(name), tmp_path)
         assert all(cell_config(c, tmp_path)["eval"]["harmful_source"] == "harmbench_val" for c in val)
