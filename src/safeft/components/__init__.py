@@ -3,7 +3,6 @@ on-disk activation shards."""
 
 from safeft.components.activation_store import ShardReader, ShardWriter
 from safeft.components.capture import (
-    capture_module_inputs,
     capture_module_rows,
     decoder_layers,
     run_to_layer,
@@ -11,12 +10,10 @@ from safeft.components.capture import (
     shared_input_groups,
 )
 from safeft.components.projection import (
-    CovarianceAccumulator,
     basis_from_rows,
     energy_inside,
     project_rows_out,
     project_update_out,
-    project_update_out_w0v,
     top_energy_basis,
 )
 from safeft.components.sae import (
@@ -31,14 +28,12 @@ from safeft.components.sae import (
 )
 
 __all__ = [
-    "CovarianceAccumulator",
     "ShardReader",
     "ShardWriter",
     "StoreRows",
     "TensorRows",
     "TopKSAE",
     "basis_from_rows",
-    "capture_module_inputs",
     "capture_module_rows",
     "check_sae_fits",
     "decoder_layers",
@@ -46,7 +41,6 @@ __all__ = [
     "load_sae",
     "project_rows_out",
     "project_update_out",
-    "project_update_out_w0v",
     "run_to_layer",
     "run_to_layers",
     "sae_stats",

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from safeft.components.projection import CovarianceAccumulator
 from safeft.errors import SafeFTError
 
 
@@ -246,52 +245,3 @@ def capture_module_rows(
     return out
 
 
-@torch.no_grad()
-def capture_module_inputs(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    batches: Iterable[dict[str, torch.Tensor]],
-    stop_after_layer: int | None = None,
-) -> dict[str, CovarianceAccumulator]:
-    """Stream every module's **inputs** into ``C = Σ x xᵀ`` (float64), over non-padding positions only.
-
-    modules: ``{name: nn.Module}`` whose first positional forward argument is ``x: [B, T, d_in]`` (linear layers,
-    peft LoRA layers). batches: dicts with ``input_ids`` and ``attention_mask`` ``[B, T]``; only positions with
-    ``attention_mask == 1`` are accumulated. ``stop_after_layer`` stops each forward after that decoder block (the
-    deepest block holding a module) to save time. Returns ``{name: CovarianceAccumulator}``."""
-    accs: dict[str, CovarianceAccumulator] = {}
-    mask_box: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def make_hook(name: str):
-        def pre_hook(mod: nn.Module, args: Any, kwargs: Any = None) -> None:
-            x = _first_arg(args, kwargs)
-            if x is None:
-                return
-            if name not in accs:
-                accs[name] = CovarianceAccumulator(x.shape[-1])
-            m = mask_box["mask"].to(x.device).bool()
-            if x.shape[:-1] == m.shape:
-                accs[name].update(x[m])
-            else:  # unexpected layout: fall back to every position
-                accs[name].update(x)
-
-        return pre_hook
-
-    for name, mod in modules.items():
-        handles.append(mod.register_forward_pre_hook(make_hook(name), with_kwargs=True))
-    try:
-        for batch in batches:
-            ids = batch["input_ids"]
-            mask = batch.get("attention_mask")
-            if mask is None:
-                mask = torch.ones_like(ids)
-            mask_box["mask"] = mask
-            if stop_after_layer is not None:
-                run_to_layer(model, ids, mask, stop_after_layer)
-            else:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return accs

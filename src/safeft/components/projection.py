@@ -69,22 +69,6 @@ def top_energy_basis(C: torch.Tensor, energy: float) -> torch.Tensor:
     return evecs[:, :k].to(C.dtype).contiguous()
 
 
-def project_update_out_w0v(W: torch.Tensor, W0V: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """Full fine-tuning form that needs only ``W₀V`` (``[d_out, k]``), not W₀: ``W − (W V − W₀V) Vᵀ``.
-
-    Equal to :func:`project_update_out` (``(W V − W₀V) = (W − W₀) V``); the update's rows lose their span(V)
-    part. W: ``[d_out, d_in]``, V: ``[d_in, k]`` orthonormal. Maths in float32 (float64 for float64 W); returns
-    W's dtype."""
-    if W.shape[0] != W0V.shape[0] or W0V.shape[1] != V.shape[1] or W.shape[1] != V.shape[0]:
-        raise SafeFTError(
-            f"projection: W {tuple(W.shape)}, W0V {tuple(W0V.shape)} and V {tuple(V.shape)} do not fit together"
-        )
-    wd = _work_dtype(W)
-    w = W.to(wd)
-    v = V.to(device=W.device, dtype=wd)
-    return (w - (w @ v - W0V.to(device=W.device, dtype=wd)) @ v.T).to(W.dtype)
-
-
 def _energy_rank(evals: torch.Tensor, energy: float) -> int:
     """Smallest k whose top-k eigenvalues (descending, ≥ 0) hold ``energy`` of their sum (at least 1)."""
     total = evals.sum()
@@ -178,30 +162,3 @@ def energy_inside(X: torch.Tensor, V: torch.Tensor, chunk: int = 4096) -> float:
     return kept / max(total, 1e-300)
 
 
-class CovarianceAccumulator:
-    """Streaming uncentred second moment ``C = Σ x xᵀ`` over rows ``x ∈ R^d`` in float64 (never holds all X).
-
-    ``update(x)`` takes ``x: [..., d]`` (any leading shape, any float dtype, any device); ``cov`` is ``[d, d]``
-    float64 on the device of the first update; ``count`` is the number of rows seen."""
-
-    def __init__(self, d: int):
-        self.d = int(d)
-        self._cov: torch.Tensor | None = None
-        self.count = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        if x.shape[-1] != self.d:
-            raise SafeFTError(f"CovarianceAccumulator: expected last dim {self.d}, got {tuple(x.shape)}")
-        rows = x.detach().reshape(-1, self.d).to(torch.float64)
-        if rows.shape[0] == 0:
-            return
-        if self._cov is None:
-            self._cov = torch.zeros(self.d, self.d, dtype=torch.float64, device=rows.device)
-        self._cov.addmm_(rows.T, rows)
-        self.count += rows.shape[0]
-
-    @property
-    def cov(self) -> torch.Tensor:
-        if self._cov is None:
-            return torch.zeros(self.d, self.d, dtype=torch.float64)
-        return self._cov
