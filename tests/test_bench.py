@@ -418,6 +418,27 @@ def test_variant_rows_join_the_ablation_grouped_by_label(tmp_path):
     assert "| cwac@x | 6.0 [1.0, 11.0] |" in md  # its own row in the p table
 
 
+def test_ablation_table_only_where_the_halves_ran(tmp_path):
+    text = MINI.replace(
+        "grid: {p: [0.1, 0.2], defenses: [cwac, sft, cwac-weight, pact], seeds: [0]}",
+        "grid:\n  - {p: [0.1], defenses: [sft, cwac, cwac-weight]}\n  - {p: [0.1], defenses: [sft, cwac], seeds: [1]}\n"
+        "  - {p: [0.2], defenses: [sft, cwac]}\n  - {p: [0.1], defenses: [cwac@other]}",
+    )
+    pre = load_preset(_write_preset(tmp_path, text))
+    out = tmp_path / "res"
+    cells = plan_cells(pre, out)
+    by = {c.id: c for c in cells}
+    _fake_cell(out, by["aligned"], 2.0, 50.0)
+    for cid in by:
+        if cid != "aligned":
+            _fake_cell(out, by[cid], 30.0, 80.0, step=2.0, mem=1000.0)
+    write_reports(pre, cells, out, command="safeft bench --preset mini", wall_seconds=1.0)
+    abl = (out / "results.md").read_text().split("## Ablation")[1].split("\n\n", 2)[1]
+    rows = [line.split(" | ")[:2] for line in abl.splitlines() if line.startswith("| 0")]
+    # one group (p 0.1, seed 0): the seed-1 and p-0.2 cells and the variant without halves are the main tables'
+    assert rows == [["| 0.1", "sft"], ["| 0.1", "cwac-weight"], ["| 0.1", "cwac"]]
+
+
 def test_stale_cell_is_reported_not_run(tmp_path):
     pre = load_preset(_write_preset(tmp_path, MINI))
     out = tmp_path / "res"

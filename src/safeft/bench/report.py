@@ -322,8 +322,14 @@ def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, 
         for base in ABLATION
         if (v := base if label is None else f"{base}@{label}") in present and not (base == "sft" and label)
     ]
-    if any(v.startswith("cwac") for v in variants):
+    # a (p, seed) group, and within it a label's rows, only where a half (weight-only or activation-only) was
+    # planned: the ablation compares the halves with the whole; elsewhere sft and cwac are the main tables' rows
+    halves = {(r["p"], r["seed"], split_variant(r["defense"])[1]) for r in rows
+              if split_variant(r["defense"])[0] in ("cwac-weight", "cwac-activation")}
+    groups = [(p, seed) for p in preset.p for seed in preset.seeds if any(h[:2] == (p, seed) for h in halves)]
+    if groups:
         al = next((r for r in aligned if r["status"] == "ok"), None)
+        several_seeds = len({seed for _, seed in groups}) > 1
         lines += [
             "## Ablation: CWAC's two constraints",
             "",
@@ -336,27 +342,24 @@ def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, 
             "cwac-activation": ("", "✓"),
             "cwac": ("✓", "✓"),
         }
-        for p in preset.p:
-            for seed in preset.seeds:
-                sft = next(
-                    (r for r in rows if r["defense"] == "sft" and r["p"] == p and r["seed"] == seed), None
+        for p, seed in groups:
+            sft = next((r for r in rows if r["defense"] == "sft" and r["p"] == p and r["seed"] == seed), None)
+            for v in variants:
+                label = split_variant(v)[1]
+                if label is not None and (p, seed, label) not in halves:
+                    continue  # a variant without halves (another task, a tuning setting): the main table has it
+                r = next((x for x in rows if x["defense"] == v and x["p"] == p and x["seed"] == seed), None)
+                if r is None:
+                    continue
+                d_hs = r["hs"] - al["hs"] if al and r["hs"] is not None else None
+                d_fa = r["fa"] - sft["fa"] if sft and sft["fa"] is not None and r["fa"] is not None else None
+                w, a = flags[split_variant(v)[0]]
+                name = f"{v} (seed {seed})" if several_seeds else v
+                lines.append(
+                    f"| {p:g} | {name} | {w} | {a} | {_pct_ci(r['hs'], r['hs_ci'])} | {_num(r['refusal_rate'])} "
+                    f"| {_pct_ci(r['fa'], r['fa_ci'])} "
+                    f"| {_num(d_hs, '{:+.1f}')} | {_num(d_fa, '{:+.1f}')} | {_num(r['step_time_ratio_vs_sft'], '{:.2f}')} |"
                 )
-                for v in variants:
-                    r = next(
-                        (x for x in rows if x["defense"] == v and x["p"] == p and x["seed"] == seed), None
-                    )
-                    if r is None:
-                        continue
-                    d_hs = r["hs"] - al["hs"] if al and r["hs"] is not None else None
-                    d_fa = (
-                        r["fa"] - sft["fa"] if sft and sft["fa"] is not None and r["fa"] is not None else None
-                    )
-                    w, a = flags[split_variant(v)[0]]
-                    lines.append(
-                        f"| {p:g} | {v} | {w} | {a} | {_pct_ci(r['hs'], r['hs_ci'])} | {_num(r['refusal_rate'])} "
-                        f"| {_pct_ci(r['fa'], r['fa_ci'])} "
-                        f"| {_num(d_hs, '{:+.1f}')} | {_num(d_fa, '{:+.1f}')} | {_num(r['step_time_ratio_vs_sft'], '{:.2f}')} |"
-                    )
         lines.append("")
     lines += [
         "Per-cell configs, logs and answers: `cells/<cell>/` (config.yaml, log.txt, eval.json with every answer).",
