@@ -76,6 +76,15 @@ defense_options:
   cwac: {n_anchor: 12}
 """
 
+MINI_GRID = "grid: {p: [0.1, 0.2], defenses: [cwac, sft, cwac-weight, pact], seeds: [0]}"
+
+
+def _mini_with_grid(grid: str) -> str:
+    """MINI with its grid line replaced by ``grid`` (YAML text starting with ``grid:``)."""
+    assert MINI_GRID in MINI
+    return MINI.replace(MINI_GRID, grid)
+
+
 
 # ---- presets and planning ----------------------------------------------------------------------------------------
 
@@ -365,8 +374,7 @@ def test_rows_ratios_tables_and_plot_from_finished_cells(tmp_path):
 
 
 def test_grid_blocks_union_and_seed_spread_table(tmp_path):
-    text = MINI.replace(
-        "grid: {p: [0.1, 0.2], defenses: [cwac, sft, cwac-weight, pact], seeds: [0]}",
+    text = _mini_with_grid(
         "grid:\n  - {p: [0.1], defenses: [sft, cwac, pact]}\n  - {p: [0, 0.1], defenses: [sft, cwac]}\n"
         "  - {p: [0.1], defenses: [sft, cwac], seeds: [1, 2]}",
     )
@@ -388,13 +396,11 @@ def test_grid_blocks_union_and_seed_spread_table(tmp_path):
     assert "## Across seeds" in md
     assert "| 0.1 | cwac | 0, 1, 2 | 20.0 (10.0–30.0) | – | 84.0 (80.0–88.0) |" in md
     assert "| 0.1 | sft | 0, 1, 2 | 60.0 (60.0–60.0) |" in md and "| 0.1 | pact |" not in md.split("## Across")[1]
-    bad = MINI.replace("grid: {p: [0.1, 0.2], defenses: [cwac, sft, cwac-weight, pact], seeds: [0]}",
-                       "grid:\n  - {p: [0.1], defenses: [sft]}\n  - {p: [2.0], defenses: [sft]}")
+    bad = _mini_with_grid("grid:\n  - {p: [0.1], defenses: [sft]}\n  - {p: [2.0], defenses: [sft]}")
     with pytest.raises(SafeFTError, match=r"grid\[1\]\.p"):
         load_preset(_write_preset(tmp_path, bad))
     with pytest.raises(SafeFTError, match="non-empty list"):
-        load_preset(_write_preset(tmp_path, MINI.replace(
-            "grid: {p: [0.1, 0.2], defenses: [cwac, sft, cwac-weight, pact], seeds: [0]}", "grid: []")))
+        load_preset(_write_preset(tmp_path, _mini_with_grid("grid: []")))
 
 
 def test_variant_rows_join_the_ablation_grouped_by_label(tmp_path):
@@ -419,8 +425,7 @@ def test_variant_rows_join_the_ablation_grouped_by_label(tmp_path):
 
 
 def test_ablation_table_only_where_the_halves_ran(tmp_path):
-    text = MINI.replace(
-        "grid: {p: [0.1, 0.2], defenses: [cwac, sft, cwac-weight, pact], seeds: [0]}",
+    text = _mini_with_grid(
         "grid:\n  - {p: [0.1], defenses: [sft, cwac, cwac-weight]}\n  - {p: [0.1], defenses: [sft, cwac], seeds: [1]}\n"
         "  - {p: [0.2], defenses: [sft, cwac]}\n  - {p: [0.1], defenses: [cwac@other]}",
     )
