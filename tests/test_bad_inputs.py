@@ -480,3 +480,28 @@ def test_fuzz_config_raises_only_safefterror(tmp_path, sections, options, raw):
             attempt()
         except SafeFTError as e:
             assert "\n" not in str(e), str(e)
+
+
+def test_artifact_of_other_settings_is_set_aside_and_swapped_back(store):
+    """Saving another config keeps the earlier artifact (``.versions/``); asking for it again swaps it back, so runs
+    that alternate settings (benchmark seeds, evaluation sets) never recompute what they made before."""
+    from safeft import artifacts
+
+    store.save("sub", {"v": torch.ones(2)}, meta={"k": 2}, config={"energy": 0.5})
+    assert store.exists("sub", {"energy": 0.5}) and not store.exists("sub", {"energy": 0.7})
+    assert store.exists("sub", {"energy": 0.9})  # swapped back into sub/ …
+    t, meta = store.load("sub", {"energy": 0.9})
+    assert meta == {"k": 1} and torch.equal(t["v"], torch.arange(6.0).reshape(2, 3))
+    assert json.loads((store.path("sub") / "manifest.json").read_text())["config"] == {"energy": 0.9}
+    t, meta = store.load("sub", {"energy": 0.5})  # … and load() swaps too
+    assert meta == {"k": 2} and torch.equal(t["v"], torch.ones(2))
+    # the in-use folder holds exactly one artifact; the set-aside ones never show as artifacts (export globs */)
+    assert sorted(p.parent.name for p in store.root.glob("*/manifest.json")) == ["sub"]
+    # bounded: the newest KEEP_VERSIONS are kept per name
+    for i in range(artifacts.KEEP_VERSIONS + 3):
+        store.save("sub", {"v": torch.zeros(1)}, config={"i": i})
+    assert len(list((store.root / artifacts.VERSIONS / "sub").iterdir())) == artifacts.KEEP_VERSIONS
+    # a half-written version (no manifest) is never restored
+    store.save("sub", {"v": torch.zeros(1)}, config={"i": 99})
+    (store._version_path("sub", {"i": artifacts.KEEP_VERSIONS + 2}) / "manifest.json").unlink()
+    assert not store.exists("sub", {"i": artifacts.KEEP_VERSIONS + 2})

@@ -4,6 +4,11 @@ Layout: ``<root>/<name>/`` holds ``*.safetensors`` files and ``manifest.json``::
 
     {"name", "fingerprint", "config", "meta", "files": {"tensors.safetensors": "<sha256>"}, "created"}
 
+``<root>/<name>/`` is the artifact the last ``prepare`` used (what ``--export`` shares). Saving one computed with
+another config moves the earlier one aside to ``<root>/.versions/<name>/<config digest>/`` instead of deleting it,
+and a later ``exists``/``load`` with that config swaps it back: runs that alternate settings (benchmark seeds,
+evaluation sets, poison fractions) reuse every version they made. The newest ``KEEP_VERSIONS`` are kept per name.
+
 An artifact is computed once per aligned model θ₀ and keyed by the fingerprint of its weights. Loading refuses a
 missing, truncated or tampered file (sha256), an artifact of another model (fingerprint) or one computed with
 another config, each with a clear message. Writes are atomic: files first, the manifest last, so a crash leaves
@@ -16,7 +21,10 @@ or was computed with other settings raises instead of being silently recomputed 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,10 +40,24 @@ from safeft.errors import SafeFTError
 from safeft.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
+VERSIONS = ".versions"  # earlier configs' artifacts, one folder per config digest (see the module docstring)
+KEEP_VERSIONS = 8  # per artifact name, besides the one in use
 
 
 def _canonical(config: dict[str, Any] | None) -> str:
     return json.dumps(config or {}, sort_keys=True, default=str)
+
+
+def _config_digest(config: dict[str, Any] | None) -> str:
+    return hashlib.sha256(_canonical(config).encode("utf-8")).hexdigest()[:16]
+
+
+def _read_manifest(d: Path) -> dict | None:
+    """A folder's manifest, or None when absent or unreadable (a version folder left half-written)."""
+    try:
+        return json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
 
 
 @dataclass
@@ -102,15 +124,50 @@ class ArtifactStore:
                 f"{mpath}: corrupted manifest ({e}); delete {mpath.parent} to recompute it"
             ) from None
 
+    def _matches(self, m: dict | None, config: dict[str, Any] | None) -> bool:
+        return (
+            m is not None
+            and m.get("fingerprint") == self.fingerprint
+            and (config is None or _canonical(m.get("config")) == _canonical(config))
+        )
+
     def exists(self, name: str, config: dict[str, Any] | None = None) -> bool:
-        """True when a complete artifact for this model (and, if given, this config) is cached."""
+        """True when a complete artifact for this model (and, if given, this config) is cached — in its folder, or
+        set aside there by a run with other settings (then it is swapped back into its folder)."""
         m = self._manifest(name)
-        ok = m is not None and m.get("fingerprint") == self.fingerprint
-        if ok and config is not None and _canonical(m.get("config")) != _canonical(config):
-            ok = False
+        ok = self._matches(m, config) or (config is not None and self._restore(name, config))
         if not ok:
             self._refuse_compute(name, m, config)
         return ok
+
+    def _version_path(self, name: str, config: dict[str, Any] | None) -> Path:
+        return self.root / VERSIONS / name / _config_digest(config)
+
+    def _set_aside(self, name: str) -> None:
+        """Move the artifact in ``<name>/`` (complete: it has a manifest) to its version folder."""
+        d, m = self.path(name), _read_manifest(self.path(name))
+        if m is None or not d.is_dir():
+            return
+        dest = self._version_path(name, m.get("config"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(d, dest)
+        kept = sorted(
+            (p for p in dest.parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True
+        )
+        for old in kept[KEEP_VERSIONS:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _restore(self, name: str, config: dict[str, Any]) -> bool:
+        """Swap the version computed with ``config`` back into ``<name>/``; False when there is none."""
+        v = self._version_path(name, config)
+        if not self._matches(_read_manifest(v), config):
+            return False
+        self._set_aside(name)
+        shutil.rmtree(self.path(name), ignore_errors=True)  # a half-written folder without a manifest
+        os.replace(v, self.path(name))
+        os.utime(self.path(name))
+        return True
 
     def _refuse_compute(self, name: str, m: dict | None, config: dict[str, Any] | None) -> None:
         s = _SESSION.get()
@@ -136,6 +193,9 @@ class ArtifactStore:
         file: str = "tensors.safetensors",
     ) -> Path:
         d = self.path(name)
+        prev = _read_manifest(d)
+        if prev is not None and _canonical(prev.get("config")) != _canonical(config):
+            self._set_aside(name)  # another config's artifact: kept, not overwritten
         d.mkdir(parents=True, exist_ok=True)
         (d / MANIFEST).unlink(missing_ok=True)  # invalid until the new files are complete
         blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
@@ -155,6 +215,8 @@ class ArtifactStore:
     def load(self, name: str, config: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
         d = self.path(name)
         m = self._manifest(name)
+        if config is not None and not self._matches(m, config) and self._restore(name, config):
+            m = self._manifest(name)
         if m is None:
             raise SafeFTError(f"artifact {name!r} not found in {d}; run `safeft prepare` first")
         if m.get("fingerprint") != self.fingerprint:
