@@ -1,0 +1,150 @@
+"""One table of human-labelled HS and refusal rate across blind batches, with 95% CIs and paired differences.
+
+    python benchmarks/labels/human_table.py --batches benchmarks/test_labels/tiny/batch* --reference cwac \
+        [--out benchmarks/test_labels/tiny/human_table.md]
+
+Each batch folder (made by ``make_blind.py``, labelled by reading) holds ``blind.jsonl`` (id, prompt, answer),
+``key.csv`` (id → model) and ``labels.csv`` (id → outcome). Every model in the batches answered the same prompts,
+so two models are compared **paired by prompt**: the difference in HS (or refusal rate) is bootstrapped over
+prompts, resampling the same prompts for both models, which is tighter than comparing two independent intervals.
+A model named in two batches, or a prompt answered twice by one model, is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from safeft.errors import SafeFTError
+
+N_BOOT, SEED = 2000, 0
+
+
+def read_batch(folder: Path) -> dict[str, dict[str, str]]:
+    """``{model: {prompt: outcome}}`` of one labelled batch."""
+    need = [folder / f for f in ("blind.jsonl", "key.csv", "labels.csv")]
+    missing = [str(p) for p in need if not p.is_file()]
+    if missing:
+        raise SafeFTError(f"{folder}: missing {', '.join(missing)}; label the batch first (README there)")
+    prompt = {}
+    for line in need[0].read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            prompt[rec["id"]] = rec["prompt"]
+    with need[1].open(encoding="utf-8") as f:
+        model = {r["id"]: r["model"] for r in csv.DictReader(f)}
+    out: dict[str, dict[str, str]] = {}
+    with need[2].open(encoding="utf-8") as f:
+        for n, r in enumerate(csv.DictReader(f), 2):
+            oid, outcome = r.get("id"), r.get("outcome")
+            if oid not in model or oid not in prompt:
+                raise SafeFTError(f"{need[2]} row {n}: id {oid!r} is not in key.csv / blind.jsonl")
+            if outcome not in ("refusal", "harmful", "other"):
+                raise SafeFTError(f"{need[2]} row {n}: outcome {outcome!r} is not refusal / harmful / other")
+            answers = out.setdefault(model[oid], {})
+            if prompt[oid] in answers:
+                raise SafeFTError(f"{need[2]} row {n}: {model[oid]} answered this prompt twice")
+            answers[prompt[oid]] = outcome
+    return out
+
+
+def collect(folders: list[Path]) -> dict[str, dict[str, str]]:
+    models: dict[str, dict[str, str]] = {}
+    for folder in folders:
+        for name, answers in read_batch(folder).items():
+            if name in models:
+                raise SafeFTError(
+                    f"{folder}: model {name!r} is also in an earlier batch; name each model once"
+                )
+            models[name] = answers
+    return models
+
+
+def _boot(x: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+    idx = rng.integers(0, len(x), size=(N_BOOT, len(x)))
+    lo, hi = np.quantile(x[idx].mean(axis=1), [0.025, 0.975])
+    return 100 * float(lo), 100 * float(hi)
+
+
+def rate(answers: dict[str, str], outcome: str) -> tuple[float, float, float]:
+    """Percent of answers with ``outcome`` and its 95% bootstrap CI."""
+    x = np.array([a == outcome for a in answers.values()], dtype=float)
+    lo, hi = _boot(x, np.random.default_rng(SEED))
+    return 100 * float(x.mean()), lo, hi
+
+
+def paired(a: dict[str, str], b: dict[str, str], outcome: str) -> tuple[float, float, float, int]:
+    """a − b in percent points over the prompts both answered, its 95% paired-bootstrap CI, and that count."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise SafeFTError("no prompt answered by both models: they are from different prompt sets")
+    d = np.array([(a[p] == outcome) - (b[p] == outcome) for p in common], dtype=float)
+    lo, hi = _boot(d, np.random.default_rng(SEED))
+    return 100 * float(d.mean()), lo, hi, len(common)
+
+
+def table(models: dict[str, dict[str, str]], reference: str | None, order: list[str] | None = None) -> str:
+    names = [m for m in (order or []) if m in models] + [m for m in models if m not in (order or [])]
+    if reference is not None and reference not in models:
+        raise SafeFTError(f"--reference {reference!r} is not a labelled model; have: {', '.join(names)}")
+    ref = f" − {reference}" if reference else ""
+    head = ["model", "n", "human HS % [95% CI]", "human refusal % [95% CI]"]
+    if reference:
+        head += [f"HS{ref} (paired) [95% CI]", f"refusal{ref} (paired) [95% CI]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in names:
+        hs, rf = rate(models[m], "harmful"), rate(models[m], "refusal")
+        row = [
+            m,
+            str(len(models[m])),
+            f"{hs[0]:.1f} [{hs[1]:.1f}, {hs[2]:.1f}]",
+            f"{rf[0]:.1f} [{rf[1]:.1f}, {rf[2]:.1f}]",
+        ]
+        if reference:
+            if m == reference:
+                row += ["–", "–"]
+            else:
+                dh, dr = (
+                    paired(models[m], models[reference], "harmful"),
+                    paired(models[m], models[reference], "refusal"),
+                )
+                row += [
+                    f"{dh[0]:+.1f} [{dh[1]:+.1f}, {dh[2]:+.1f}]",
+                    f"{dr[0]:+.1f} [{dr[1]:+.1f}, {dr[2]:+.1f}]",
+                ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", nargs="+", type=Path, required=True, help="labelled batch folders")
+    ap.add_argument("--reference", help="the model every other is compared with, paired by prompt")
+    ap.add_argument("--order", nargs="*", default=[], help="row order (models not named follow)")
+    ap.add_argument("--out", type=Path, help="write the markdown here too")
+    a = ap.parse_args()
+    try:
+        md = table(collect(a.batches), a.reference, a.order)
+    except SafeFTError as e:
+        raise SystemExit(f"human_table: error: {e}") from None
+    cmd = "python benchmarks/labels/human_table.py --batches " + " ".join(str(b) for b in a.batches)
+    if a.reference:
+        cmd += f" --reference {a.reference}"
+    text = (
+        f"# Human labels across batches\n\n`{cmd}`: HS = % `harmful`, refusal = % `refusal` by the labellers' reading "
+        f"(SPEC §5); CIs: percentile bootstrap over prompts ({N_BOOT} resamples, seed {SEED}); paired columns: "
+        f"the same prompts resampled for both models.\n\n{md}"
+    )
+    print(text)
+    if a.out:
+        from safeft.io import atomic_write_text
+
+        atomic_write_text(a.out, text)
+
+
+if __name__ == "__main__":
+    main()
