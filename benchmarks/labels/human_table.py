@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from safeft.errors import SafeFTError
+from safeft.eval.metrics import bootstrap_ci
 
 N_BOOT, SEED = 2000, 0
 
@@ -64,17 +65,11 @@ def collect(folders: list[Path]) -> dict[str, dict[str, str]]:
     return models
 
 
-def _boot(x: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
-    idx = rng.integers(0, len(x), size=(N_BOOT, len(x)))
-    lo, hi = np.quantile(x[idx].mean(axis=1), [0.025, 0.975])
-    return 100 * float(lo), 100 * float(hi)
-
-
 def rate(answers: dict[str, str], outcome: str) -> tuple[float, float, float]:
     """Percent of answers with ``outcome`` and its 95% bootstrap CI."""
     x = np.array([a == outcome for a in answers.values()], dtype=float)
-    lo, hi = _boot(x, np.random.default_rng(SEED))
-    return 100 * float(x.mean()), lo, hi
+    lo, hi = bootstrap_ci(x, n_boot=N_BOOT, seed=SEED)
+    return 100 * float(x.mean()), 100 * lo, 100 * hi
 
 
 def paired(a: dict[str, str], b: dict[str, str], outcome: str) -> tuple[float, float, float, int]:
@@ -83,8 +78,8 @@ def paired(a: dict[str, str], b: dict[str, str], outcome: str) -> tuple[float, f
     if not common:
         raise SafeFTError("no prompt answered by both models: they are from different prompt sets")
     d = np.array([(a[p] == outcome) - (b[p] == outcome) for p in common], dtype=float)
-    lo, hi = _boot(d, np.random.default_rng(SEED))
-    return 100 * float(d.mean()), lo, hi, len(common)
+    lo, hi = bootstrap_ci(d, n_boot=N_BOOT, seed=SEED)
+    return 100 * float(d.mean()), 100 * lo, 100 * hi, len(common)
 
 
 def table(models: dict[str, dict[str, str]], reference: str | None, order: list[str] | None = None) -> str:

@@ -145,8 +145,9 @@ class ArtifactStore:
 
     def _set_aside(self, name: str) -> None:
         """Move the artifact in ``<name>/`` (complete: it has a manifest) to its version folder."""
-        d, m = self.path(name), _read_manifest(self.path(name))
-        if m is None or not d.is_dir():
+        d = self.path(name)
+        m = _read_manifest(d)
+        if m is None:  # absent or half-written: nothing to keep
             return
         dest = self._version_path(name, m.get("config"))
         dest.parent.mkdir(parents=True, exist_ok=True)
