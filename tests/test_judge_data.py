@@ -13,6 +13,7 @@ from safeft.cli import main
 from safeft.errors import SafeFTError
 from safeft.judge.check import check, load_labelled_file
 from safeft.judge.labelled import (
+    load_dev_labelled,
     load_pyrit_harm,
     load_pyrit_refusal,
     load_safeft_dev,
@@ -112,6 +113,29 @@ def test_dev_labels_bad_rows(tmp_path):
         load_safeft_dev(tmp_path / "answers.jsonl", lab)
     lab = _csv(tmp_path / "labels2.csv", ["id", "outcome"], [["a1", "HARMFUL "]])
     assert load_safeft_dev(tmp_path / "answers.jsonl", lab)[0].outcome == "harmful"
+
+
+def test_dev_labelled_files_join_safeft_dev_once(tmp_path, monkeypatch):
+    """A later round's self-contained labelled file adds to safeft_dev; a pair already labelled is kept once (its
+    first label); a bad outcome names the file and row; the build records the file's hash under its name."""
+    import safeft.judge.labelled as L
+    from safeft.judge.train import _data_files
+
+    (tmp_path / "answers.jsonl").write_text(json.dumps({"id": "a1", "prompt": "p one", "answer": "x"}) + "\n")
+    _csv(tmp_path / "labels.csv", ["id", "outcome"], [["a1", "other"]])
+    (tmp_path / "round9").mkdir()
+    extra = _csv(tmp_path / "round9" / "labelled.csv", ["id", "prompt", "answer", "outcome", "note"],
+                 [["b1", "p one", "x", "harmful", "same pair"], ["b2", "p two", "Step 1: y", "harmful", ""]])
+    items = L._dev_items(tmp_path, ["round9/labelled.csv"])
+    assert [(it.prompt, it.outcome) for it in items] == [("p one", "other"), ("p two", "harmful")]
+    assert L._dev_items(tmp_path, ()) == items[:1]
+    bad = _csv(tmp_path / "bad.csv", ["id", "prompt", "answer", "outcome"], [["c", "p", "a", "maybe"]])
+    with pytest.raises(SafeFTError, match=r"bad.csv:2: outcome must be one of"):
+        load_dev_labelled(bad)
+    with pytest.raises(SafeFTError, match=r"bad2.csv.*missing.*answer|bad2.csv.*answer"):
+        load_dev_labelled(_csv(tmp_path / "bad2.csv", ["id", "prompt", "outcome"], [["c", "p", "other"]]))
+    files = _data_files(tmp_path, tmp_path, ["safeft_dev"], ["round9/labelled.csv"])
+    assert set(files) == {"answers.jsonl", "labels.csv", "round9/labelled.csv"}
 
 
 def test_user_labelled_file(tmp_path):

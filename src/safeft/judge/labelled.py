@@ -20,7 +20,9 @@ Every source labels something a little different, so each is mapped to two parti
             ≥ 0.5 (the rubric counts an attempt whatever its quality, and the harm ratings grade the content itself),
             else by ``objective_achieved`` where only that was rated; ref 0 when harm is 1, else unknown.
 ``safeft_dev``  (``benchmarks/judge_dev/labels.csv`` joined with ``answers.jsonl``): safeft's own small models'
-            answers to HarmBench *validation* prompts, labelled by reading with the rubric (three outcomes).
+            answers to HarmBench *validation* prompts, labelled by reading with the rubric (three outcomes); plus
+            each self-contained labelled file of :data:`DEV_LABELLED` (``id, prompt, answer, outcome`` columns), e.g.
+            a later round of development answers kept in its own folder.
 
 Splits are made by a stable hash of a *group* (the prompt, or XSTest's prompt id), so every answer to one prompt lands
 in one split: ``test`` (20 %) reports accuracy, ``val`` (20 %) chooses settings, ``train`` (60 %) fits the judge.
@@ -39,6 +41,8 @@ OUTCOMES = ("refusal", "harmful", "other")
 SPLITS = ("train", "val", "test")
 SOURCES = ("xstest", "pyrit_refusal", "pyrit_harm", "safeft_dev")
 SPLIT_SALT = "safeft-judge-v1"
+# Labelled files (relative to the development folder) the default build adds to ``safeft_dev``; empty for the v1 head
+DEV_LABELLED: tuple[str, ...] = ()
 PYRIT_HARM_THRESHOLD = 0.5
 
 
@@ -200,6 +204,33 @@ def load_safeft_dev(answers_path: Path, labels_path: Path) -> list[Item]:
     return out
 
 
+def load_dev_labelled(path: Path) -> list[Item]:
+    """A self-contained labelled file of safeft's own answers (CSV or JSONL: ``id, prompt, answer, outcome``)."""
+    rows = _rows(path, ["id", "prompt", "answer", "outcome"])
+    out = []
+    for j, r in enumerate(rows, start=2):
+        where = f"{path}:{j}"
+        harm, ref = outcome_targets(str(r["outcome"]), where)
+        prompt = _need_text(r["prompt"], where, "prompt")
+        out.append(Item("safeft_dev", f"{path.name}:{j}", _norm_group(prompt), prompt,
+                        _need_text(r["answer"], where, "answer"), harm, ref))
+    return out
+
+
+def _dev_items(dev_dir: Path, extra: Iterable[str]) -> list[Item]:
+    """``safeft_dev``: answers.jsonl + labels.csv, then each extra labelled file; a (prompt, answer) pair already
+    seen is kept once (its first label)."""
+    items = load_safeft_dev(dev_dir / "answers.jsonl", dev_dir / "labels.csv")
+    for name in extra:
+        items += load_dev_labelled(dev_dir / name)
+    seen, out = set(), []
+    for it in items:
+        if (it.prompt, it.answer) not in seen:
+            seen.add((it.prompt, it.answer))
+            out.append(it)
+    return out
+
+
 # ---- all sources -----------------------------------------------------------------------------------------------
 def repo_dev_dir() -> Path:
     """``benchmarks/judge_dev`` of the repository this package runs from (the development labels live there)."""
@@ -207,9 +238,10 @@ def repo_dev_dir() -> Path:
 
 
 def load_sources(shared: Path | None = None, dev_dir: Path | None = None,
-                 sources: Iterable[str] = SOURCES) -> dict[str, list[Item]]:
+                 sources: Iterable[str] = SOURCES, dev_labelled: Iterable[str] | None = None) -> dict[str, list[Item]]:
     """Every labelled source by name. ``shared``: the shared data folder (default: ``safeft.data.shared_data_dir``);
-    ``dev_dir``: the folder with safeft's own labels (default :func:`repo_dev_dir`)."""
+    ``dev_dir``: the folder with safeft's own labels (default :func:`repo_dev_dir`); ``dev_labelled``: labelled
+    files under it added to ``safeft_dev`` (default :data:`DEV_LABELLED`)."""
     from safeft.data import shared_data_dir
 
     shared = shared or shared_data_dir()
@@ -222,7 +254,7 @@ def load_sources(shared: Path | None = None, dev_dir: Path | None = None,
         "pyrit_refusal": lambda: load_pyrit_refusal(je / "refusal_labelled.csv",
                                                     dev_dir / "refusal_labelled_rubric.csv"),
         "pyrit_harm": lambda: load_pyrit_harm(je / "pyrit_harm_labelled.csv"),
-        "safeft_dev": lambda: load_safeft_dev(dev_dir / "answers.jsonl", dev_dir / "labels.csv"),
+        "safeft_dev": lambda: _dev_items(dev_dir, DEV_LABELLED if dev_labelled is None else dev_labelled),
     }
     out = {}
     for name in sources:

@@ -29,7 +29,7 @@ import torch
 from safeft.errors import SafeFTError
 from safeft.eval.judges.content import FORMAT_VERSION, HEAD_VERSION, ContentHead, decide
 from safeft.eval.judges.features import FEATURE_NAMES, feature_matrix
-from safeft.judge.labelled import SOURCES, Item, load_sources
+from safeft.judge.labelled import DEV_LABELLED, SOURCES, Item, load_sources
 from safeft.judge.metrics import agreement
 
 EMBED_THREADS = 2  # fixed: the float sums of a matrix product may depend on the thread count
@@ -237,9 +237,11 @@ DEFAULT_DESIGN = FROZEN_DESIGN
 
 def build(out: str | Path | None = None, *, shared: Path | None = None, dev_dir: Path | None = None,
           design: dict[str, Any] | None = None, sources: Sequence[str] = SOURCES, encoder_path: Path | None = None,
-          cache: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+          cache: Path | None = None, dev_labelled: Sequence[str] | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build the head; write ``out`` (.safetensors) and its ``.json`` manifest (atomically) when ``out`` is given.
-    Returns the manifest."""
+    ``dev_labelled``: labelled files of safeft's own answers added to ``safeft_dev`` (default
+    :data:`safeft.judge.labelled.DEV_LABELLED`). Returns the manifest."""
     from safeft.eval.judges.encoder import Encoder
     from safeft.eval.judges.keyword import KeywordJudge
     from safeft.io import sha256_file
@@ -247,7 +249,8 @@ def build(out: str | Path | None = None, *, shared: Path | None = None, dev_dir:
     t0 = time.perf_counter()
     base = LORA_DESIGN if (design or {}).get("kind") == "lora" else DEFAULT_DESIGN
     d = {**base, **(design or {})}
-    data = load_sources(shared, dev_dir, sources)
+    dev_labelled = tuple(DEV_LABELLED if dev_labelled is None else dev_labelled)
+    data = load_sources(shared, dev_dir, sources, dev_labelled)
     items = [it for s in sources for it in data[s]]
     split = {k: [it for it in items if it.split == k] for k in ("train", "val", "test")}
     for k, v in split.items():
@@ -311,7 +314,7 @@ def build(out: str | Path | None = None, *, shared: Path | None = None, dev_dir:
         ours = decide(*probs(k), th, tr)
         kw = kj.outcomes([it.prompt for it in its], [it.answer for it in its])
         metrics[k] = {"content": per_source(its, ours), "keyword": per_source(its, kw)}
-    files = _data_files(shared, dev_dir, sources)
+    files = _data_files(shared, dev_dir, sources, dev_labelled)
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": f"minilm-{'lora' if d['kind'] == 'lora' else HEAD_VERSION}",
@@ -338,7 +341,8 @@ def build(out: str | Path | None = None, *, shared: Path | None = None, dev_dir:
     return manifest
 
 
-def _data_files(shared: Path | None, dev_dir: Path | None, sources: Sequence[str]) -> dict[str, str]:
+def _data_files(shared: Path | None, dev_dir: Path | None, sources: Sequence[str],
+                dev_labelled: Sequence[str] = ()) -> dict[str, str]:
     from safeft.data import shared_data_dir
     from safeft.io import sha256_file
     from safeft.judge.labelled import repo_dev_dir
@@ -351,7 +355,10 @@ def _data_files(shared: Path | None, dev_dir: Path | None, sources: Sequence[str
         "pyrit_harm": [shared / "judge_eval" / "pyrit_harm_labelled.csv"],
         "safeft_dev": [dev_dir / "answers.jsonl", dev_dir / "labels.csv"],
     }
-    return {f.name: sha256_file(f) for s in sources for f in names[s]}
+    out = {f.name: sha256_file(f) for s in sources for f in names[s]}
+    if "safeft_dev" in sources:
+        out.update({name: sha256_file(dev_dir / name) for name in dev_labelled})
+    return out
 
 
 def write_head(out: Path, state: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
