@@ -1,7 +1,10 @@
 """Round 6 of the judge's development answers: the `tiny` preset's fine-tuned models on prompts no benchmark scores.
 
-    OMP_NUM_THREADS=1 python benchmarks/judge_dev/round6.py            # ≈ 15 min on 2 shared CPU cores
-    python benchmarks/judge_dev/collect.py                             # then: new ids into answers.jsonl
+    OMP_NUM_THREADS=1 python benchmarks/judge_dev/round6.py            # ≈ 40 min on 2 CPU cores beside a bench
+    C=benchmarks/judge_dev/runs/round6/cells                          # then the blind set for the labellers
+    python benchmarks/labels/make_blind.py --dest benchmarks/judge_dev/round6 --harmful-only --second 60 \
+        --cells aligned=$C/aligned sft=$C/sft cwac=$C/cwac lisa=$C/lisa safeinstr=$C/safeinstr salora=$C/salora
+    python benchmarks/judge_dev/round6.py --merge                      # after labelling: round6/labelled.csv
 
 Why: the content judge scores 86% harmful-vs-not on its own test split but 71% on `tiny` v2's 2,400 test answers
 (docs/judges.md). Its development answers cover 101 prompts, all HarmBench *validation* standard behaviours; the
@@ -59,11 +62,41 @@ def prompts() -> list[str]:
     return out
 
 
+def merge(folder: Path) -> None:
+    """``labelled.csv`` (id, prompt, answer, outcome, note, model) from the blind set, its key and the labels, in the
+    blind file's order: the self-contained file ``safeft.judge.labelled.load_dev_labelled`` reads."""
+    import csv
+    import io
+    import json
+
+    from safeft.io import atomic_write_text
+
+    blind = [json.loads(line) for line in open(folder / "blind.jsonl", encoding="utf-8")]
+    key = {r["id"]: r["model"] for r in csv.DictReader(open(folder / "key.csv", encoding="utf-8"))}
+    labels = {r["id"]: r for r in csv.DictReader(open(folder / "labels.csv", encoding="utf-8"))}
+    missing = [b["id"] for b in blind if b["id"] not in labels]
+    if missing:
+        raise SystemExit(f"{folder / 'labels.csv'}: {len(missing)} of {len(blind)} answers unlabelled, e.g. {missing[0]}")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "prompt", "answer", "outcome", "note", "model"])
+    for b in blind:
+        lab = labels[b["id"]]
+        w.writerow([b["id"], b["prompt"], b["answer"], lab["outcome"].strip(), lab.get("note", ""), key[b["id"]]])
+    atomic_write_text(folder / "labelled.csv", buf.getvalue())
+    print(f"{len(blind)} labelled answers -> {folder / 'labelled.csv'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--merge", action="store_true",
+                    help="join round6/blind.jsonl, key.csv and labels.csv into round6/labelled.csv (no generation)")
     args = ap.parse_args()
+    if args.merge:
+        merge(HERE / "round6")
+        return
 
     from safeft.config import config_from_dict, load_yaml
     from safeft.eval import generate
