@@ -1,7 +1,7 @@
 """Round 6 of the judge's development answers: the `tiny` preset's fine-tuned models on prompts no benchmark scores.
 
     OMP_NUM_THREADS=1 python benchmarks/judge_dev/round6.py            # ≈ 40 min on 2 CPU cores beside a bench
-    C=benchmarks/judge_dev/runs/round6/cells                          # then the blind set for the labellers
+    C=benchmarks/judge_dev/round6/generated                           # then the blind set for the labellers
     python benchmarks/labels/make_blind.py --dest benchmarks/judge_dev/round6 --harmful-only --second 60 \
         --cells aligned=$C/aligned sft=$C/sft cwac=$C/cwac lisa=$C/lisa safeinstr=$C/safeinstr salora=$C/salora
     python benchmarks/judge_dev/round6.py --merge                      # after labelling: round6/labelled.csv
@@ -17,8 +17,10 @@ This round adds answers to prompts the judge has not seen, none of which any ben
 Models: θ₀ of `tiny` and five of its fine-tunes (p 0.1, seed 0) — SFT, CWAC, Lisa, SafeInstr, SaLoRA — loaded from
 the cells' saved adapters (`benchmarks/results/tiny/cells/<cell>/final`, kept locally, not in git); greedy, 64 new
 tokens, the cells' own chat template. None of the answers stored under `benchmarks/results/` is used: those stay
-the judge's check set. Output: ``runs/round6/cells/<name>/eval.json`` (``harmful.records``: prompt, answer), the shape
-``collect.py`` reads. A model whose file exists is skipped (rerun resumes).
+the judge's check set. Output: ``round6/generated/<name>/eval.json`` (``harmful.records``: prompt, answer; not in git:
+``make_blind.py`` copies each to ``round6/cells/<name>/eval.json``, which is). Kept out of ``runs/`` so that
+``collect.py`` (rounds 1–4, the v1 head's ``answers.jsonl``) does not pick it up. A model whose file exists is
+skipped (rerun resumes).
 
 Labelling: as rounds 1–4 (``labellers/INSTRUCTIONS.md``, blind, shuffled; ``labellers/r6<x>.labels.csv``), a second
 labeller on a random sample (``round6/labels_second.csv``, agreement reported, not merged).
@@ -106,7 +108,7 @@ def main() -> None:
 
     ps = prompts()
     for name in args.models:
-        out = HERE / "runs" / "round6" / "cells" / name / "eval.json"
+        out = HERE / "round6" / "generated" / name / "eval.json"
         if out.is_file():
             print(f"{name}: done ({out})")
             continue
