@@ -115,7 +115,7 @@ def test_dev_labels_bad_rows(tmp_path):
     assert load_safeft_dev(tmp_path / "answers.jsonl", lab)[0].outcome == "harmful"
 
 
-def test_dev_labelled_files_join_safeft_dev_once(tmp_path, monkeypatch):
+def test_dev_labelled_files_join_safeft_dev_once(tmp_path):
     """A later round's self-contained labelled file adds to safeft_dev; a pair already labelled is kept once (its
     first label); a bad outcome names the file and row; the build records the file's hash under its name."""
     import safeft.judge.labelled as L
@@ -124,7 +124,7 @@ def test_dev_labelled_files_join_safeft_dev_once(tmp_path, monkeypatch):
     (tmp_path / "answers.jsonl").write_text(json.dumps({"id": "a1", "prompt": "p one", "answer": "x"}) + "\n")
     _csv(tmp_path / "labels.csv", ["id", "outcome"], [["a1", "other"]])
     (tmp_path / "round9").mkdir()
-    extra = _csv(tmp_path / "round9" / "labelled.csv", ["id", "prompt", "answer", "outcome", "note"],
+    _csv(tmp_path / "round9" / "labelled.csv", ["id", "prompt", "answer", "outcome", "note"],
                  [["b1", "p one", "x", "harmful", "same pair"], ["b2", "p two", "Step 1: y", "harmful", ""]])
     items = L._dev_items(tmp_path, ["round9/labelled.csv"])
     assert [(it.prompt, it.outcome) for it in items] == [("p one", "other"), ("p two", "harmful")]
@@ -238,6 +238,8 @@ def test_judge_cli_bad_jsonl_and_modes(tmp_path, capsys):
     assert "file not found" in capsys.readouterr().err
     assert main(["judge", "--check", "--labelled", str(tmp_path / "nope.csv"), "--judge", "keyword"]) == 2
     assert "nope.csv: file not found" in capsys.readouterr().err
+    assert main(["judge", "--build", "--dev-labelled", "round6/labelled.csv"]) == 2  # would overwrite the packaged head
+    assert "give --out" in capsys.readouterr().err
 
 
 def test_vectorised_threshold_search_matches_the_selection_rule():

@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--check-batches", nargs="*", default=[], help="blind-labelled batch folders (check only)")
     ap.add_argument("--report", default=None, help="write the numbers here (JSON)")
     args = ap.parse_args()
+    if args.report and Path(args.report).resolve() == Path(args.out).with_suffix(".json").resolve():
+        raise SystemExit(f"--report {args.report} is the candidate head's own manifest; choose another path")
 
     from safeft.eval.judges.content import ContentJudge
     from safeft.judge.labelled import load_sources

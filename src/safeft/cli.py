@@ -265,7 +265,10 @@ def cmd_judge(ns: argparse.Namespace) -> int:
         out = Path(ns.out) if ns.out else DEFAULT_WEIGHTS
         if out.suffix != ".safetensors":
             raise SafeFTError(f"judge --build: --out must end in .safetensors, got {out}")
-        man = build(out)
+        if ns.dev_labelled and not ns.out:
+            raise SafeFTError("judge --build --dev-labelled: give --out; the packaged head is built from the default "
+                              "labelled files only")
+        man = build(out, dev_labelled=ns.dev_labelled)
         print(f"content judge head written to {out} (+ {out.with_suffix('.json').name}); epochs {man['epochs']}, "
               f"t_harm {man['t_harm']}, t_ref {man['t_ref']}, {man['build_seconds']} s")
         from safeft.judge.check import format_check
@@ -424,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(--check) which split of the built-in labelled sources (default test)")
     s.add_argument("--no-builtin", action="store_true", help="(--check) only the --labelled files")
     s.add_argument("--build", action="store_true", help="rebuild the content judge's head from the labelled files")
+    s.add_argument("--dev-labelled", action="append", metavar="FILE",
+                   help="(--build) a labelled file of your own answers (id, prompt, answer, outcome; relative to "
+                   "benchmarks/judge_dev or absolute) added to the safeft_dev source; repeatable; needs --out")
     s.set_defaults(func=cmd_judge)
 
     s = sub.add_parser("bench", help="run a benchmark preset (cached per cell; resumes)")
