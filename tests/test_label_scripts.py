@@ -101,3 +101,31 @@ def test_human_table_pairs_models_by_prompt(tmp_path):
     (dest / "labels.csv").write_text(rows)
     r = _run("human_table.py", "--batches", str(dest))
     assert r.returncode != 0 and "labels.csv row" in r.stderr and "'harmfull'" in r.stderr
+
+
+def test_round6_merge_writes_the_file_the_judge_build_reads(tmp_path):
+    """judge_dev/round6.py --merge joins a labelled blind set into the self-contained labelled file that
+    ``safeft judge --build --dev-labelled`` adds to safeft_dev; an unlabelled answer stops it, naming the file."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "judge_dev"))
+    try:
+        import round6
+    finally:
+        sys.path.pop(0)
+    from safeft.judge.labelled import load_dev_labelled
+
+    a = _cell(tmp_path, "a", list(ANSWERS))
+    dest = tmp_path / "r"
+    assert _run("make_blind.py", "--dest", str(dest), "--harmful-only", "--cells", f"m1={a}").returncode == 0
+    blind = [json.loads(line) for line in (dest / "blind.jsonl").read_text().splitlines()]
+    with open(dest / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["id", "outcome", "note"])
+        w.writerows([[b["id"], ANSWERS[b["answer"]], "read"] for b in blind[:-1]])
+    with pytest.raises(SystemExit, match=r"labels.csv: 1 of 3 answers unlabelled"):
+        round6.merge(dest)
+    with open(dest / "labels.csv", "a", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerow([blind[-1]["id"], ANSWERS[blind[-1]["answer"]], "read"])
+    round6.merge(dest)
+    items = load_dev_labelled(dest / "labelled.csv")
+    assert [(it.answer, it.outcome) for it in items] == [(b["answer"], ANSWERS[b["answer"]]) for b in blind]
+    assert all(it.source == "safeft_dev" for it in items)
