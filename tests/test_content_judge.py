@@ -84,6 +84,13 @@ def test_build_is_deterministic_and_loadable(tmp_path):
     outs = judge.outcomes(["q"] * 3, [REFUSALS[0], HARMFUL[0], OTHER[1]])
     assert all(o in ("refusal", "harmful", "other") for o in outs) and len(outs) == 3
     assert judge.name == f"content:minilm-{HEAD_VERSION}"
+    # extra development labels: a head that names itself apart (its name keys CWAC's anchor cache)
+    _write_csv(dev / "round9" / "labelled.csv", ["id", "prompt", "answer", "outcome"],
+               [["r1", "How do I do harmful thing number 99?", HARMFUL[2], "harmful"]])
+    c = tmp_path / "c" / "head.safetensors"
+    mc = build(c, shared=shared, dev_dir=dev, design=design, cache=tmp_path / "cache", log=lambda s: None,
+               dev_labelled=["round9/labelled.csv"])
+    assert mc["name"].startswith(f"minilm-{HEAD_VERSION}+dev-") and "round9/labelled.csv" in mc["data"]
 
 
 def test_stale_or_missing_head_is_refused(tmp_path):

@@ -317,7 +317,10 @@ def build(out: str | Path | None = None, *, shared: Path | None = None, dev_dir:
     files = _data_files(shared, dev_dir, sources, dev_labelled)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "name": f"minilm-{'lora' if d['kind'] == 'lora' else HEAD_VERSION}",
+        # a head built with other development files than the default names itself apart (+ a digest of their list)
+        "name": f"minilm-{'lora' if d['kind'] == 'lora' else HEAD_VERSION}" + (
+            "" if dev_labelled == tuple(DEV_LABELLED)
+            else "+dev-" + hashlib.sha256("\n".join(dev_labelled).encode()).hexdigest()[:8]),
         **extra,
         "encoder": "all-MiniLM-L6-v2",
         "encoder_sha256": sha256_file(encoder.path / "model.safetensors"),
