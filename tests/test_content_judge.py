@@ -131,6 +131,18 @@ def test_shipped_judge_plain_cases(shipped):
     assert shipped.outcomes(list(prompts), list(answers)) == list(expected)
 
 
+def test_head_probs_from_one_encoder_pass_equal_probs(shipped):
+    """Two heads on one encoder can judge the same answers from one encoder pass (benchmarks/judge_dev/try_head.py)."""
+    import torch
+
+    from safeft.eval.judges.content import embed_inputs
+
+    prompts, answers = ["how to x"] * 3, [REFUSALS[0], HARMFUL[0], OTHER[0]]
+    via_x = shipped.head_probs(embed_inputs(shipped.encoder, prompts, answers))
+    for a, b in zip(via_x, shipped.probs(prompts, answers)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.xfail(strict=True, reason="known miss (docs/judges.md): harmful prose with no list shape, e.g. a phishing "
                    "email written straight away, is judged `other`; if this starts passing, update the docs")
 def test_shipped_judge_known_miss_harmful_prose(shipped):

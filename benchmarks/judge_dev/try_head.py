@@ -45,6 +45,15 @@ def agreement_pct(human: list[str], judged: list[str]) -> dict[str, float]:
             for o in ("harmful", "refusal")}
 
 
+def outcomes_of(judges: dict, prompts: list[str], answers: list[str]) -> dict[str, list[str]]:
+    """Each judge's outcomes on the same answers, from one encoder pass (the heads share the encoder: both
+    manifests name its SHA-256, checked when each judge loads)."""
+    from safeft.eval.judges.content import decide, embed_inputs
+
+    x = embed_inputs(next(iter(judges.values())).encoder, prompts, answers, desc="encoding")
+    return {name: decide(*j.head_probs(x), j.t_harm, j.t_ref) for name, j in judges.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dev-labelled", nargs="+", required=True, help="labelled files under benchmarks/judge_dev")
@@ -62,14 +71,13 @@ def main() -> None:
     from safeft.judge.train import build, per_source
 
     man = build(Path(args.out), dev_labelled=args.dev_labelled)
-    cand, shipped = ContentJudge(weights=Path(args.out)), ContentJudge()
+    judges = {"candidate": ContentJudge(weights=Path(args.out)), "shipped": ContentJudge()}
     items = [it for its in load_sources(dev_labelled=args.dev_labelled).values() for it in its]
     report: dict = {"candidate": str(args.out), "dev_labelled": args.dev_labelled, "manifest_counts": man["counts"],
                     "chosen": {k: man[k] for k in ("hidden", "epochs", "t_harm", "t_ref")}}
     for split in ("val", "test"):
         its = [it for it in items if it.split == split]
-        for name, judge in (("candidate", cand), ("shipped", shipped)):
-            outs = judge.outcomes([it.prompt for it in its], [it.answer for it in its])
+        for name, outs in outcomes_of(judges, [it.prompt for it in its], [it.answer for it in its]).items():
             ps = per_source(its, outs, n_boot=200)
             report.setdefault(split, {})[name] = {
                 "selection_score": round(selection_score(ps), 4),
@@ -77,7 +85,7 @@ def main() -> None:
                                    for t in ("harm", "refusal")} for s, r in ps.items()},
             }
     prompts, answers, expected = zip(*PLAIN_CASES)
-    plain = cand.outcomes(list(prompts), list(answers))
+    plain = judges["candidate"].outcomes(list(prompts), list(answers))
     report["plain_cases_ok"] = plain == list(expected)
     report["plain_cases"] = plain
     report["ships"] = bool(report["val"]["candidate"]["selection_score"] >= report["val"]["shipped"]["selection_score"]
@@ -85,8 +93,8 @@ def main() -> None:
     if args.check_batches:
         prompts, answers, human = batch_pairs([Path(b) for b in args.check_batches])
         report["check"] = {"n": len(human), "batches": args.check_batches}
-        for name, judge in (("candidate", cand), ("shipped", shipped)):
-            report["check"][name] = agreement_pct(human, judge.outcomes(prompts, answers))
+        for name, outs in outcomes_of(judges, prompts, answers).items():
+            report["check"][name] = agreement_pct(human, outs)
     text = json.dumps(report, indent=1)
     if args.report:
         from safeft.io import atomic_write_text

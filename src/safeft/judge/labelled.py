@@ -198,23 +198,22 @@ def load_safeft_dev(answers_path: Path, labels_path: Path) -> list[Item]:
         a = by_id.get(str(lr["id"]))
         if a is None:
             raise SafeFTError(f"{where}: id {lr['id']!r} is not in {answers_path.name}")
-        harm, ref = outcome_targets(lr["outcome"], where)
-        out.append(Item("safeft_dev", f"{labels_path.name}:{j}", _norm_group(a["prompt"]),
-                        _need_text(a["prompt"], where, "prompt"), _need_text(a["answer"], where, "answer"), harm, ref))
+        out.append(_dev_item(f"{labels_path.name}:{j}", where, a["prompt"], a["answer"], lr["outcome"]))
     return out
+
+
+def _dev_item(key: str, where: str, prompt: object, answer: object, outcome: object) -> Item:
+    """One of safeft's own labelled answers (``safeft_dev``), grouped by its normalised prompt."""
+    harm, ref = outcome_targets(str(outcome), where)
+    prompt = _need_text(prompt, where, "prompt")
+    return Item("safeft_dev", key, _norm_group(prompt), prompt, _need_text(answer, where, "answer"), harm, ref)
 
 
 def load_dev_labelled(path: Path) -> list[Item]:
     """A self-contained labelled file of safeft's own answers (CSV or JSONL: ``id, prompt, answer, outcome``)."""
     rows = _rows(path, ["id", "prompt", "answer", "outcome"])
-    out = []
-    for j, r in enumerate(rows, start=2):
-        where = f"{path}:{j}"
-        harm, ref = outcome_targets(str(r["outcome"]), where)
-        prompt = _need_text(r["prompt"], where, "prompt")
-        out.append(Item("safeft_dev", f"{path.name}:{j}", _norm_group(prompt), prompt,
-                        _need_text(r["answer"], where, "answer"), harm, ref))
-    return out
+    return [_dev_item(f"{path.name}:{j}", f"{path}:{j}", r["prompt"], r["answer"], r["outcome"])
+            for j, r in enumerate(rows, start=2)]
 
 
 def _dev_items(dev_dir: Path, extra: Iterable[str]) -> list[Item]:

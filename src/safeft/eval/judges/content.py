@@ -143,7 +143,13 @@ class ContentJudge(Judge):
                                   self.encoder.batch_size, desc)
             p = torch.sigmoid(logits)
             return p[:, 0], p[:, 1]
-        x = embed_inputs(self.encoder, prompts, answers, desc)
+        return self.head_probs(embed_inputs(self.encoder, prompts, answers, desc))
+
+    def head_probs(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P(harmful), P(refusal)) of a frozen-encoder head from :func:`embed_inputs`' output ``x`` — lets two heads
+        on one encoder judge the same answers from one encoder pass."""
+        if self.kind == "lora":
+            raise SafeFTError("content judge: a LoRA head re-encodes its inputs; use probs()")
         with torch.inference_mode():
             p = torch.sigmoid(self.head(x["ea"], x["epa"], x["f"]))
         return p[:, 0], p[:, 1]
