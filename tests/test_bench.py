@@ -276,7 +276,7 @@ def test_dry_run_lists_cells_and_writes_nothing(tmp_path, smoke_env, capsys):
 # ---- reports on synthetic cells ----------------------------------------------------------------------------------
 
 
-def _fake_cell(out: Path, cell, hs, fa, step=None, mem=None, status="ok"):
+def _fake_cell(out: Path, cell, hs, fa, step=None, mem=None, status="ok", theta0="a" * 64):
     cdir = out / "cells" / cell.id
     cdir.mkdir(parents=True)
     h = config_hash(cell, cell_config(cell, cdir))
@@ -316,6 +316,7 @@ def _fake_cell(out: Path, cell, hs, fa, step=None, mem=None, status="ok"):
                     "step_seconds_mean": step,
                     "peak_memory_mb": mem,
                     "n_harmful_train": 12,
+                    "fingerprint": theta0,
                 }
             )
         )
@@ -389,10 +390,14 @@ def test_grid_blocks_union_and_seed_spread_table(tmp_path):
     by = {c.id: c for c in cells}
     _fake_cell(out, by["aligned"], 2.0, 50.0)
     for seed, (hs, fa) in enumerate([(10.0, 80.0), (20.0, 84.0), (30.0, 88.0)]):
-        _fake_cell(out, by[f"p0.1-cwac-s{seed}"], hs, fa, step=2.0, mem=1000.0)
-        _fake_cell(out, by[f"p0.1-sft-s{seed}"], 60.0, 90.0, step=2.0, mem=1000.0)
+        theta0 = "a" * 64 if seed == 0 else "b" * 64  # seeds 1, 2 trained from a θ₀ rebuilt elsewhere
+        _fake_cell(out, by[f"p0.1-cwac-s{seed}"], hs, fa, step=2.0, mem=1000.0, theta0=theta0)
+        _fake_cell(out, by[f"p0.1-sft-s{seed}"], 60.0, 90.0, step=2.0, mem=1000.0, theta0=theta0)
     write_reports(pre, cells, out, command="safeft bench --preset mini", wall_seconds=1.0)
     md = (out / "results.md").read_text()
+    assert "θ₀ weights differ between cells**: `aaaaaaaaaaaa` (2 cells: p0.1-sft-s0, p0.1-cwac-s0); `bbbbbbbbbbbb` (4" in md
+    summary = json.loads((out / "summary.json").read_text())
+    assert {r["theta0_fingerprint"] for r in summary["rows"] if r["status"] == "ok" and r["cell_id"] != "aligned"} == {"a" * 64, "b" * 64}
     assert "## Across seeds" in md
     assert "| 0.1 | cwac | 0, 1, 2 | 20.0 (10.0–30.0) | – | 84.0 (80.0–88.0) |" in md
     assert "| 0.1 | sft | 0, 1, 2 | 60.0 (60.0–60.0) |" in md and "| 0.1 | pact |" not in md.split("## Across")[1]

@@ -8,6 +8,9 @@ Each batch folder (made by ``make_blind.py``, labelled by reading) holds ``blind
 so two models are compared **paired by prompt**: the difference in HS (or refusal rate) is bootstrapped over
 prompts, resampling the same prompts for both models, which is tighter than comparing two independent intervals.
 A model named in two batches, or a prompt answered twice by one model, is an error.
+
+Models named ``NAME-sK`` (K a seed number) are runs of ``NAME`` with another seed: where a name has runs for two or
+more seeds (``NAME`` itself is seed 0), an "Across seeds" table gives the mean over seeds and the range (min–max).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +119,39 @@ def table(models: dict[str, dict[str, str]], reference: str | None, order: list[
     return "\n".join(lines) + "\n"
 
 
+SEED_NAME = re.compile(r"^(?P<base>.+)-s(?P<seed>\d+)$")
+
+
+def seed_groups(models: dict[str, dict[str, str]]) -> dict[str, dict[int, str]]:
+    """``{base: {seed: model name}}`` for every base name that has runs for two or more seeds (base itself = seed 0)."""
+    groups: dict[str, dict[int, str]] = {}
+    for name in models:
+        m = SEED_NAME.match(name)
+        base, seed = (m["base"], int(m["seed"])) if m else (name, 0)
+        if seed in groups.setdefault(base, {}):
+            raise SafeFTError(f"models {groups[base][seed]!r} and {name!r} are both seed {seed} of {base!r}")
+        groups[base][seed] = name
+    return {b: dict(sorted(g.items())) for b, g in groups.items() if len(g) > 1}
+
+
+def seeds_table(models: dict[str, dict[str, str]]) -> str:
+    """Mean and range over seeds of human HS and refusal rate, and each seed's value; '' when no name has seeds."""
+    groups = seed_groups(models)
+    if not groups:
+        return ""
+    lines = [
+        "| model | seeds | human HS %: mean [min–max] | per seed | human refusal %: mean [min–max] | per seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for base, runs in groups.items():
+        row = [base, ", ".join(str(s) for s in runs)]
+        for outcome in ("harmful", "refusal"):
+            v = [rate(models[name], outcome)[0] for name in runs.values()]
+            row += [f"{np.mean(v):.1f} [{min(v):.1f}–{max(v):.1f}]", " / ".join(f"{x:.1f}" for x in v)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", nargs="+", type=Path, required=True, help="labelled batch folders")
@@ -123,7 +160,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the markdown here too")
     a = ap.parse_args()
     try:
-        md = table(collect(a.batches), a.reference, a.order)
+        models = collect(a.batches)
+        md = table(models, a.reference, a.order)
+        seeds = seeds_table(models)
     except SafeFTError as e:
         raise SystemExit(f"human_table: error: {e}") from None
     cmd = "python benchmarks/labels/human_table.py --batches " + " ".join(str(b) for b in a.batches)
@@ -134,6 +173,8 @@ def main() -> None:
         f"(SPEC §5); CIs: percentile bootstrap over prompts ({N_BOOT} resamples, seed {SEED}); paired columns: "
         f"the same prompts resampled for both models.\n\n{md}"
     )
+    if seeds:
+        text += f"\n## Across seeds\n\nMean over seeds and range (min–max); seed 0 is the unsuffixed row above.\n\n{seeds}"
     print(text)
     if a.out:
         from safeft.io import atomic_write_text

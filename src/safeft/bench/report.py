@@ -62,6 +62,7 @@ EXTRA_KEYS = [
     "wall_seconds",
     "hs_copyright",
     "n_eval_copyright",
+    "theta0_fingerprint",
 ]
 ABLATION = ["sft", "cwac-weight", "cwac-activation", "cwac"]
 
@@ -184,6 +185,7 @@ def build_rows(preset: Preset, cells: list[Cell], out: Path, judge_acc: dict[str
                 step_seconds_mean=run.get("step_seconds_mean"),
                 peak_memory_mb=run.get("peak_memory_mb"),
                 n_harmful_train=run.get("n_harmful_train"),
+                theta0_fingerprint=run.get("fingerprint"),
             )
     sft = {(r["p"], r["seed"]): r for r in rows if r["defense"] == "sft" and r["status"] == "ok"}
     for r in rows:
@@ -227,6 +229,23 @@ def _machines(preset: Preset, cells: list[Cell], out: Path) -> list[str]:
     return seen
 
 
+def theta0_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """A header line naming which cells trained from which θ₀ weights, when they are not all the same file: a θ₀
+    rebuilt by the same recipe on another machine can differ in its last bits (other CPU kernels)."""
+    by_fp: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("theta0_fingerprint"):
+            by_fp.setdefault(r["theta0_fingerprint"], []).append(r["cell_id"])
+    if len(by_fp) < 2:
+        return []
+    parts = [f"`{fp[:12]}` ({len(cells)} cells: {', '.join(cells)})" for fp, cells in by_fp.items()]
+    return [
+        "- **θ₀ weights differ between cells**: " + "; ".join(parts) + ". Each θ₀ was built by the same alignment "
+        "recipe and seed; the cache was rebuilt on another machine, whose floating point differs in the last bits. "
+        "Compare cells across θ₀ builds with that in mind (run.json `fingerprint`)."
+    ]
+
+
 def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """results.md: header (model, data, judge + accuracy, seeds, machine, wall time, command), one table per p
     (θ₀ row on top), and the CWAC ablation."""
@@ -262,6 +281,7 @@ def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, 
         f"- **judge**: {jtxt}",
         f"- **seeds**: {', '.join(map(str, preset.seeds))}",
         f"- **machine**: {'; '.join(meta.get('machines') or []) or 'unknown'}",
+        *theta0_lines(rows),
         f"- **wall time**: {_fmt_s(meta.get('cells_wall_seconds'))} summed over cells"
         + (f"; this invocation {_fmt_s(meta['wall_seconds'])}" if meta.get("wall_seconds") else ""),
         f"- **command**: `{meta['command']}` (report rebuilt {meta['generated_at']})",
