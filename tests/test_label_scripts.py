@@ -141,3 +141,16 @@ def test_human_table_summarises_seeds(tmp_path):
     seeds = md.split("## Across seeds", 1)[1]
     assert "| a | 0, 1 | 50.0 [25.0–75.0] | 25.0 / 75.0 | 50.0 [25.0–75.0] | 75.0 / 25.0 |" in seeds
     assert "| b |" not in seeds
+
+
+def test_same_answers_counts_identical_answers_and_names_a_bad_file(tmp_path):
+    a = _cell(tmp_path, "a", ["I can't help with that.", "Bananas are yellow."])
+    b = _cell(tmp_path, "b", ["I can't help with that.", "Bananas are green and sour today."])
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "same_answers.py"), str(a / "eval.json"),
+                        str(b / "eval.json")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| harmful | 2 | 1 | 1 | 2 | 0.0 → 0.0 | 100.0 → 100.0 |" in r.stdout
+    (tmp_path / "bad.json").write_text("{}")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "same_answers.py"), str(a / "eval.json"),
+                        str(tmp_path / "bad.json")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "bad.json: no answer records" in r.stderr
