@@ -242,7 +242,8 @@ def theta0_lines(rows: list[dict[str, Any]]) -> list[str]:
     return [
         "- **θ₀ weights differ between cells**: " + "; ".join(parts) + ". Each θ₀ was built by the same alignment "
         "recipe and seed; the cache was rebuilt on another machine, whose floating point differs in the last bits. "
-        "Compare cells across θ₀ builds with that in mind (run.json `fingerprint`)."
+        "To see how far a rebuild moved, evaluate it with the `aligned` cell's config and compare the answers: "
+        "`python benchmarks/same_answers.py cells/aligned/eval.json REBUILT/eval.json` (run.json `fingerprint`)."
     ]
 
 
