@@ -11,20 +11,19 @@ then the rates (HS, refusal) each file reports.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from safeft.errors import SafeFTError
+from safeft.eval.rejudge import read_judge_input
 
 SECTIONS = ("harmful", "over_refusal", "copyright")
 
 
 def records(path: Path) -> dict[str, dict[str, dict]]:
-    """``{section: {prompt: record}}`` of an eval.json."""
-    try:
-        ev = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise SafeFTError(f"{path}: not a readable eval.json ({e})") from None
+    """``{section: {prompt: record}}`` of an eval.json (read and format-checked as ``safeft judge`` reads one)."""
+    kind, ev = read_judge_input(path)
+    if kind != "eval":
+        raise SafeFTError(f"{path}: a JSONL of records has no sections to compare; give a cell's eval.json")
     out = {}
     for s in SECTIONS:
         recs = (ev.get(s) or {}).get("records")

@@ -150,7 +150,11 @@ def test_same_answers_counts_identical_answers_and_names_a_bad_file(tmp_path):
                         str(b / "eval.json")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "| harmful | 2 | 1 | 1 | 2 | 0.0 → 0.0 | 100.0 → 100.0 |" in r.stdout
-    (tmp_path / "bad.json").write_text("{}")
+    (tmp_path / "bad.json").write_text('{"harmful": {}}')
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "same_answers.py"), str(a / "eval.json"),
                         str(tmp_path / "bad.json")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode != 0 and "bad.json: no answer records" in r.stderr
+    (tmp_path / "other.json").write_text("{}")  # not an eval report at all: the reader `safeft judge` uses says so
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "same_answers.py"), str(a / "eval.json"),
+                        str(tmp_path / "other.json")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "other.json: not a safeft eval report" in r.stderr

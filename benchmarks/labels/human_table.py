@@ -69,9 +69,13 @@ def collect(folders: list[Path]) -> dict[str, dict[str, str]]:
     return models
 
 
+def _hits(answers: dict[str, str], outcome: str) -> np.ndarray:
+    return np.array([a == outcome for a in answers.values()], dtype=float)
+
+
 def rate(answers: dict[str, str], outcome: str) -> tuple[float, float, float]:
     """Percent of answers with ``outcome`` and its 95% bootstrap CI."""
-    x = np.array([a == outcome for a in answers.values()], dtype=float)
+    x = _hits(answers, outcome)
     lo, hi = bootstrap_ci(x, n_boot=N_BOOT, seed=SEED)
     return 100 * float(x.mean()), 100 * lo, 100 * hi
 
@@ -146,7 +150,7 @@ def seeds_table(models: dict[str, dict[str, str]]) -> str:
     for base, runs in groups.items():
         row = [base, ", ".join(str(s) for s in runs)]
         for outcome in ("harmful", "refusal"):
-            v = [rate(models[name], outcome)[0] for name in runs.values()]
+            v = [100 * float(_hits(models[name], outcome).mean()) for name in runs.values()]  # no CI needed
             row += [f"{np.mean(v):.1f} [{min(v):.1f}–{max(v):.1f}]", " / ".join(f"{x:.1f}" for x in v)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
