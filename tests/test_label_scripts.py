@@ -158,3 +158,28 @@ def test_same_answers_counts_identical_answers_and_names_a_bad_file(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "same_answers.py"), str(a / "eval.json"),
                         str(tmp_path / "other.json")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode != 0 and "other.json: not a safeft eval report" in r.stderr
+
+
+@pytest.mark.parametrize("script", ["compare.py", "human_table.py"])
+@pytest.mark.parametrize(("breakage", "said"), [
+    (lambda t: t.replace("id,outcome,note", "id,verdict,note"), "missing column(s) outcome"),
+    (lambda t: t + t.splitlines()[1] + "\n", "labelled twice"),
+    (lambda t: t.replace(",other,", ",maybe,", 1), "'maybe' is not refusal / harmful / other"),
+    (lambda t: t + "ffffffffff,refusal,\n", "'ffffffffff' is not in key.csv"),
+])
+def test_label_scripts_read_labels_through_one_checked_reader(tmp_path, script, breakage, said):
+    harm, ref, other = list(ANSWERS)[1], list(ANSWERS)[0], list(ANSWERS)[2]
+    dest = _labelled_batch(tmp_path, {"a": [harm, ref, other]})
+    labels = dest / "labels.csv"
+    labels.write_text(breakage(labels.read_text()))
+    args = ["--run", str(dest), "--judge", "keyword"] if script == "compare.py" else ["--batches", str(dest)]
+    r = _run(script, *args)
+    assert r.returncode != 0 and "labels.csv" in r.stderr and said in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1  # one line, no traceback
+
+
+def test_label_scripts_name_a_label_file_that_is_not_utf8(tmp_path):
+    dest = _labelled_batch(tmp_path, {"a": list(ANSWERS)})
+    (dest / "labels.csv").write_bytes((dest / "labels.csv").read_bytes() + b"\xff\xfe,refusal,\n")
+    r = _run("human_table.py", "--batches", str(dest))
+    assert r.returncode != 0 and "labels.csv: not UTF-8" in r.stderr

@@ -20,18 +20,17 @@ Runs: ``run1`` = the demo of 2026-11-30 (64 samples, θ₀ from 90 alignment ste
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from blindset import OUTCOMES, read_blind, read_key, read_labels  # this folder's module (run as a script)
 
+from safeft.errors import SafeFTError
 from safeft.judge.metrics import balanced_accuracy
 
 DEMO_LABELS = Path(__file__).resolve().parents[1] / "demo_labels"
 MODELS = ["aligned", "sft", "cwac", "pact", "asft", "safelora", "safeinstr", "lisa"]
-OUTCOMES = ("refusal", "harmful", "other")
 
 
 def _ba(pairs: list[tuple[str, str]], positive: str) -> str:
@@ -53,18 +52,17 @@ def main() -> None:
 
     run = Path(args.run)
 
-    def read_labels(name: str) -> dict[str, str] | None:
-        p = run / name
-        if not p.is_file():
-            return None
-        return {r["id"]: r["outcome"] for r in csv.DictReader(open(p, encoding="utf-8"))}
-
-    key = {r["id"]: r for r in csv.DictReader(open(run / "key.csv", encoding="utf-8"))}
-    human = read_labels("labels.csv")
-    if human is None:
-        raise SystemExit(f"{run / 'labels.csv'}: no labels yet (label {run / 'blind.jsonl'} first)")
-    lenient, second = read_labels("labels_lenient.csv"), read_labels("labels_second.csv")
-    blind = {json.loads(line)["id"]: json.loads(line) for line in open(run / "blind.jsonl", encoding="utf-8")}
+    key_path, labels_path = run / "key.csv", run / "labels.csv"
+    if not labels_path.is_file():
+        raise SystemExit(f"{labels_path}: no labels yet (label {run / 'blind.jsonl'} first)")
+    try:
+        blind, key = read_blind(run / "blind.jsonl"), read_key(key_path)
+        known = set(blind) & set(key)
+        human = read_labels(labels_path, known)
+        lenient, second = (read_labels(run / n, known) if (run / n).is_file() else None
+                           for n in ("labels_lenient.csv", "labels_second.csv"))
+    except (SafeFTError, OSError) as e:
+        raise SystemExit(f"compare: error: {e}") from None
     ids = sorted(key)
     missing = sorted(set(ids) - set(human))
     if missing:

@@ -16,12 +16,11 @@ more seeds (``NAME`` itself is seed 0), an "Across seeds" table gives the mean o
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import re
 from pathlib import Path
 
 import numpy as np
+from blindset import read_blind, read_key, read_labels  # this folder's module (run as a script)
 
 from safeft.errors import SafeFTError
 from safeft.eval.metrics import bootstrap_ci
@@ -35,25 +34,14 @@ def read_batch(folder: Path) -> dict[str, dict[str, str]]:
     missing = [str(p) for p in need if not p.is_file()]
     if missing:
         raise SafeFTError(f"{folder}: missing {', '.join(missing)}; label the batch first (README there)")
-    prompt = {}
-    for line in need[0].read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            prompt[rec["id"]] = rec["prompt"]
-    with need[1].open(encoding="utf-8") as f:
-        model = {r["id"]: r["model"] for r in csv.DictReader(f)}
+    blind, key = read_blind(need[0]), read_key(need[1])
+    labels = read_labels(need[2], ids=set(blind) & set(key))
     out: dict[str, dict[str, str]] = {}
-    with need[2].open(encoding="utf-8") as f:
-        for n, r in enumerate(csv.DictReader(f), 2):
-            oid, outcome = r.get("id"), r.get("outcome")
-            if oid not in model or oid not in prompt:
-                raise SafeFTError(f"{need[2]} row {n}: id {oid!r} is not in key.csv / blind.jsonl")
-            if outcome not in ("refusal", "harmful", "other"):
-                raise SafeFTError(f"{need[2]} row {n}: outcome {outcome!r} is not refusal / harmful / other")
-            answers = out.setdefault(model[oid], {})
-            if prompt[oid] in answers:
-                raise SafeFTError(f"{need[2]} row {n}: {model[oid]} answered this prompt twice")
-            answers[prompt[oid]] = outcome
+    for rid, outcome in labels.items():
+        answers = out.setdefault(key[rid]["model"], {})
+        if blind[rid]["prompt"] in answers:
+            raise SafeFTError(f"{need[2]}: {key[rid]['model']} answered one prompt twice (id {rid})")
+        answers[blind[rid]["prompt"]] = outcome
     return out
 
 
