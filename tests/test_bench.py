@@ -399,8 +399,8 @@ def test_grid_blocks_union_and_seed_spread_table(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert {r["theta0_fingerprint"] for r in summary["rows"] if r["status"] == "ok" and r["cell_id"] != "aligned"} == {"a" * 64, "b" * 64}
     assert "## Across seeds" in md
-    assert "| 0.1 | cwac | 0, 1, 2 | 20.0 (10.0–30.0) | – | 84.0 (80.0–88.0) |" in md
-    assert "| 0.1 | sft | 0, 1, 2 | 60.0 (60.0–60.0) |" in md and "| 0.1 | pact |" not in md.split("## Across")[1]
+    assert "| 0.1 | cwac | 0, 1, 2 | 20.0 [10.0–30.0] | – | 84.0 [80.0–88.0] |" in md
+    assert "| 0.1 | sft | 0, 1, 2 | 60.0 [60.0–60.0] |" in md and "| 0.1 | pact |" not in md.split("## Across")[1]
     bad = _mini_with_grid("grid:\n  - {p: [0.1], defenses: [sft]}\n  - {p: [2.0], defenses: [sft]}")
     with pytest.raises(SafeFTError, match=r"grid\[1\]\.p"):
         load_preset(_write_preset(tmp_path, bad))

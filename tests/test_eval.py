@@ -352,6 +352,13 @@ def test_bootstrap_ci_contains_mean_and_narrows():
         bootstrap_ci([])
 
 
+def test_mean_range_writes_the_seed_spread_one_way():
+    from safeft.eval.metrics import mean_range
+
+    assert mean_range([10.0, None, 30.0, 20.0]) == "20.0 [10.0–30.0]"  # None (a cell without the number) skipped
+    assert mean_range([None]) == mean_range([]) == "–"
+
+
 @pytest.mark.parametrize(
     "text, flag",
     [

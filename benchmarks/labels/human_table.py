@@ -23,7 +23,7 @@ import numpy as np
 from blindset import read_blind, read_key, read_labels  # this folder's module (run as a script)
 
 from safeft.errors import SafeFTError
-from safeft.eval.metrics import bootstrap_ci
+from safeft.eval.metrics import bootstrap_ci, mean_range
 
 N_BOOT, SEED = 2000, 0
 
@@ -139,7 +139,7 @@ def seeds_table(models: dict[str, dict[str, str]]) -> str:
         row = [base, ", ".join(str(s) for s in runs)]
         for outcome in ("harmful", "refusal"):
             v = [100 * float(_hits(models[name], outcome).mean()) for name in runs.values()]  # no CI needed
-            row += [f"{np.mean(v):.1f} [{min(v):.1f}–{max(v):.1f}]", " / ".join(f"{x:.1f}" for x in v)]
+            row += [mean_range(v), " / ".join(f"{x:.1f}" for x in v)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

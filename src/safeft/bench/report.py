@@ -17,6 +17,7 @@ from safeft.bench.curves import collect_curves, curves_markdown, render_curves
 from safeft.bench.preset import ALIGNED, Cell, Preset, cell_config, config_hash, expand_vars, split_variant
 from safeft.bench.runner import _fmt_s, cell_command, read_json, stale_defaults
 from safeft.errors import SafeFTError
+from safeft.eval.metrics import mean_range
 from safeft.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 ROW_KEYS = [
@@ -400,17 +401,13 @@ def seed_spread_lines(rows: list[dict[str, Any]]) -> list[str]:
     if not multi:
         return []
 
-    def spread(vals: list[float | None]) -> str:
-        v = [x for x in vals if x is not None]
-        return "–" if not v else f"{sum(v) / len(v):.1f} ({min(v):.1f}–{max(v):.1f})"
-
-    out = ["## Across seeds", "", "Mean over seeds, range (min–max) in brackets: the seed-to-seed spread, beside each "
+    out = ["## Across seeds", "", "Mean over seeds and range [min–max]: the seed-to-seed spread, beside each "
            "cell's own bootstrap CI above.", "", "| p | defense | seeds | HS % ↓ | refusal % | FA % ↑ |",
            "|---|---|---|---|---|---|"]
     for (p, d), rs in sorted(multi.items(), key=lambda kv: (kv[0][0], kv[0][1] != "sft", kv[0][1])):
         out.append(f"| {p:g} | {d} | {', '.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} | "
-                   f"{spread([r['hs'] for r in rs])} | {spread([r['refusal_rate'] for r in rs])} | "
-                   f"{spread([r['fa'] for r in rs])} |")
+                   f"{mean_range([r['hs'] for r in rs])} | {mean_range([r['refusal_rate'] for r in rs])} | "
+                   f"{mean_range([r['fa'] for r in rs])} |")
     return out + [""]
 
 

@@ -65,6 +65,13 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def mean_range(values: Sequence[float | None]) -> str:
+    """``"mean [min–max]"`` of the numbers in ``values`` (one decimal; ``None`` skipped; "–" when none): the spread of
+    a number across seeds, written one way in every report (a bootstrap CI is written ``[lo, hi]``)."""
+    v = [float(x) for x in values if x is not None]
+    return "–" if not v else f"{sum(v) / len(v):.1f} [{min(v):.1f}–{max(v):.1f}]"
+
+
 def _max_consecutive_ngram_repeats(tokens: list[str], max_n: int) -> int:
     """Largest k such that some n-gram (n <= max_n) occurs k times back to back."""
     best = 1 if tokens else 0
