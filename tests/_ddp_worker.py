@@ -25,7 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers_dist import teardown  # noqa: E402
-from helpers_models import make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer  # noqa: E402
+from helpers_models import (  # noqa: E402
+    make_tiny_model,
+    make_tiny_model_dir,
+    make_tiny_tokenizer,
+    tiny_task_rows,
+    tiny_training_args,
+)
 
 from safeft.defenses.base import Defense, unwrap_model  # noqa: E402
 
@@ -37,7 +43,6 @@ _W = (
 # distinct word orders: anchors must not be near-duplicates of each other (CWAC collapses those)
 HARMFUL = [" ".join(_W[(7 * i + j * (i % 5 + 2)) % len(_W)] for j in range(9)) + f" {i}" for i in range(24)]
 HARMLESS = [" ".join(_W[(3 * i + 5 * j) % len(_W)] for j in range(6)) + f" {i}" for i in range(12)]
-WORDS = ["the movie was great", "the movie was bad and boring", "what is the capital of france"]
 
 
 class ProjectA(Defense):
@@ -137,9 +142,8 @@ def build_defenses(kind: str, tok, work: Path, model) -> list:
 
 def train(out: Path, batch: int, steps: int, defense: str) -> dict[str, torch.Tensor]:
     """Train and return ``{name: tensor}`` of the trainable parameters (float32, CPU)."""
-    from transformers import TrainingArguments
 
-    from safeft.data import CompletionCollator, Example, tokenize_example
+    from safeft.data import CompletionCollator
     from safeft.models import setup_trainable
     from safeft.trainer import SafeTrainer
 
@@ -150,24 +154,8 @@ def train(out: Path, batch: int, steps: int, defense: str) -> dict[str, torch.Te
     torch.manual_seed(0)
     model = setup_trainable(make_tiny_model(seed=0), method="lora", lora_r=4, lora_alpha=8)
     defenses = build_defenses(defense, tok, work, model)
-    exs = [Example(WORDS[i % 3] + f" {i}", "positive" if i % 2 else "negative") for i in range(N_EXAMPLES)]
-    rows = [tokenize_example(tok, e, max_length=64) for e in exs]
-    args = TrainingArguments(
-        output_dir=str(work / "trainer"),
-        per_device_train_batch_size=batch,
-        learning_rate=1e-2,
-        max_steps=steps,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        remove_unused_columns=False,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-    )
+    rows = tiny_task_rows(tok, N_EXAMPLES)
+    args = tiny_training_args(work / "trainer", per_device_train_batch_size=batch, max_steps=steps)
     tr = SafeTrainer(
         model=model,
         args=args,

@@ -33,7 +33,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers_dist import teardown  # noqa: E402
-from helpers_models import make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer  # noqa: E402
+from helpers_models import (  # noqa: E402
+    make_tiny_model,
+    make_tiny_model_dir,
+    make_tiny_tokenizer,
+    tiny_task_rows,
+    tiny_training_args,
+)
 
 from safeft.components.sharding import (  # noqa: E402
     full_tensor,
@@ -46,7 +52,6 @@ from safeft.defenses.base import Defense, unwrap_model  # noqa: E402
 from safeft.errors import SafeFTError  # noqa: E402
 
 N_EXAMPLES = 16
-WORDS = ["the movie was great", "the movie was bad and boring", "what is the capital of france"]
 REFUSALS = [(f"how do i bake bread at home {i}", "i cannot help with that request") for i in range(8)]
 KINDS = ("sft", "asft", "pact", "lisa", "safelora", "rows", "rows-full", "cwac", "cwac-full", "helpers")
 _W = (
@@ -232,9 +237,8 @@ def train(
 ) -> dict:
     """Train ``kind`` (engine "fsdp2", "zero3" or None); return ``{"params": {name: full float32 tensor},
     "report": {...}}`` (on every rank)."""
-    from transformers import TrainingArguments
 
-    from safeft.data import CompletionCollator, Example, tokenize_example
+    from safeft.data import CompletionCollator
     from safeft.models import setup_trainable
     from safeft.trainer import SafeTrainer
 
@@ -254,8 +258,7 @@ def train(
         model = setup_trainable(model, method="lora", lora_r=4, lora_alpha=8)
     ctx = _context(kind, tok, work)
     defenses = _defenses(kind, model, ctx)
-    exs = [Example(WORDS[i % 3] + f" {i}", "positive" if i % 2 else "negative") for i in range(N_EXAMPLES)]
-    rows = [tokenize_example(tok, e, max_length=64) for e in exs]
+    rows = tiny_task_rows(tok, N_EXAMPLES)
     extra = {}
     if engine == "zero3":
         extra = dict(deepspeed=_zero3_config(threshold))
@@ -268,8 +271,8 @@ def train(
                 "reshard_after_forward": True,
             },
         )
-    args = TrainingArguments(
-        output_dir=str(work / "trainer"),
+    args = tiny_training_args(
+        work / "trainer",
         per_device_train_batch_size=batch,
         # plain SGD: parameter differences then reflect gradient differences only. AdamW divides each gradient
         # entry by √v + ε, so a 1e-9 rounding difference on a near-zero entry can move that entry by ~lr·1e-9/ε
@@ -277,16 +280,6 @@ def train(
         optim="sgd",
         learning_rate=lr,
         max_steps=steps,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        remove_unused_columns=False,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        ddp_backend="gloo" if world > 1 else None,
         **extra,
     )
     if engine == "fsdp2":

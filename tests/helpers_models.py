@@ -126,3 +126,47 @@ def demo_train_args(
         "training.progress=false",
         *extra,
     ]
+
+
+TASK_TEXTS = ("the movie was great", "the movie was bad and boring", "what is the capital of france")
+
+
+class Rows(torch.utils.data.Dataset):
+    """A list of tokenized rows as a map-style dataset (what the Trainer's sampler expects)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def tiny_task_rows(tok, n: int = 12, *, max_length: int = 64, numbered: bool = True) -> list[dict]:
+    """``n`` tokenized task examples for a short training run: the three ``TASK_TEXTS`` in turn (each followed by its
+    index when ``numbered``), answered "negative" / "positive" alternately."""
+    from safeft.data import Example, tokenize_example
+
+    return [
+        tokenize_example(tok, Example(TASK_TEXTS[i % 3] + (f" {i}" if numbered else ""),
+                                      "positive" if i % 2 else "negative"), max_length=max_length)
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def tiny_training_args(output_dir: str | Path, **overrides):
+    """The ``TrainingArguments`` test trainings share: CPU, batch 4, lr 1e-2, 3 steps, a log line every step, no
+    checkpoints, no reporting, no progress bar, seeds 0, gloo when launched on several processes; ``overrides``
+    win."""
+    import os
+
+    from transformers import TrainingArguments
+
+    kw = dict(output_dir=str(output_dir), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=3,
+              logging_steps=1, save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True,
+              disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0,
+              ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)  # fmt: skip
+    kw.update(overrides)
+    return TrainingArguments(**kw)

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from helpers_dist import gloo, torchrun
-from helpers_models import demo_train_args, make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from helpers_models import (
+    Rows,
+    demo_train_args,
+    make_tiny_model,
+    make_tiny_model_dir,
+    make_tiny_tokenizer,
+    tiny_task_rows,
+    tiny_training_args,
+)
+from transformers import Trainer, TrainerCallback
 
-from safeft.data import CompletionCollator, Example, tokenize_example
+from safeft.data import CompletionCollator
 from safeft.errors import SafeFTError
 from safeft.eval.judges.base import Judge
 from safeft.models import setup_trainable
@@ -65,47 +72,16 @@ class ScriptJudge(Judge):
         return [("harmful" if bad else "refusal") if p in self.harmful else "other" for p in prompts]
 
 
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
 def _trainer(out, cls=Trainer, method="lora", max_steps=4, callbacks=None, save_steps=None, **kw):
     tok = make_tiny_tokenizer()
     model = setup_trainable(make_tiny_model(seed=0), method=method, lora_r=4, lora_alpha=8)
-    words = ["the movie was great", "the movie was bad and boring", "what is the capital of france"]
-    rows = [
-        tokenize_example(
-            tok, Example(words[i % 3] + f" {i}", "positive" if i % 2 else "negative"), max_length=64
-        )
-        for i in range(12)
-    ]
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        max_steps=max_steps,
-        logging_steps=1,
-        save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500,
-        report_to=[],
-        remove_unused_columns=False,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-    )
+    rows = tiny_task_rows(tok, 12)
+    args = tiny_training_args(out, max_steps=max_steps, save_strategy="steps" if save_steps else "no",
+                              save_steps=save_steps or 500)  # fmt: skip
     return cls(
         model=model,
         args=args,
-        train_dataset=_Rows(rows),
+        train_dataset=Rows(rows),
         data_collator=CompletionCollator(tok),
         processing_class=tok,
         callbacks=callbacks,

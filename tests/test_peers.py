@@ -612,17 +612,14 @@ def test_lisa_default_proximal_warmup_is_the_authors_10_percent():
 def test_lisa_trainer_run_has_no_proximal_term_in_the_first_10_percent(tmp_path):
     """A real SafeTrainer run (tiny Llama, LoRA): the trainer gives max_steps at train begin; the logged term is 0 at
     every step s ≤ 0.1 · 30 = 3 (0-based) and > 0 at every later step that is not the first of a phase."""
-    from helpers_models import make_tiny_model, make_tiny_tokenizer
-    from transformers import TrainingArguments
+    from helpers_models import make_tiny_model, make_tiny_tokenizer, tiny_task_rows, tiny_training_args
 
     from safeft.data import CompletionCollator, tokenize_example
     from safeft.models import setup_trainable
     from safeft.trainer import SafeTrainer
 
     tok = make_tiny_tokenizer()
-    words = ["the movie was great", "the movie was bad and boring", "what is the capital of france"]
-    rows = [tokenize_example(tok, Example(words[i % 3], "positive" if i % 2 else "negative"), max_length=64)
-            for i in range(8)]  # fmt: skip
+    rows = tiny_task_rows(tok, 8, numbered=False)
     align = [
         Example(f"how do i bake bread {i}", "i cannot help with that request", kind="refusal")
         for i in range(4)
@@ -638,10 +635,7 @@ def test_lisa_trainer_run_has_no_proximal_term_in_the_first_10_percent(tmp_path)
     model = setup_trainable(make_tiny_model(seed=0), method="lora", lora_r=4, lora_alpha=8)
     (lisa,) = build_defenses("lisa", {"lisa": {"align_steps": 2, "user_steps": 3}})
     lisa.prepare(model, ctx)
-    args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, learning_rate=1e-2, max_steps=30, logging_steps=1,
-        save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True, disable_tqdm=True, seed=0,
-    )  # fmt: skip
+    args = tiny_training_args(tmp_path, per_device_train_batch_size=2, max_steps=30)
     tr = SafeTrainer(model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=tok,
                      defenses=[lisa])  # fmt: skip
     tr.train()

@@ -104,8 +104,7 @@ def test_quantized_4bit_markers():
 
 # ---- SafeTrainer: refusals before the first step --------------------------------------------------------------------
 def _trainer(tmp_path, defenses, model=None):
-    from helpers_models import make_tiny_model, make_tiny_tokenizer
-    from transformers import TrainingArguments
+    from helpers_models import make_tiny_model, make_tiny_tokenizer, tiny_training_args
 
     from safeft.data import CompletionCollator, Example, tokenize_example
     from safeft.models import setup_trainable
@@ -117,16 +116,7 @@ def _trainer(tmp_path, defenses, model=None):
         tokenize_example(tok, Example(f"the movie was great {i}", "positive"), max_length=32)
         for i in range(4)
     ]
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        max_steps=1,
-        report_to=[],
-        save_strategy="no",
-        remove_unused_columns=False,
-        use_cpu=True,
-        disable_tqdm=True,
-    )
+    args = tiny_training_args(tmp_path, per_device_train_batch_size=2, max_steps=1)
     return SafeTrainer(
         model=model,
         args=args,

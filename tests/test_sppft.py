@@ -7,11 +7,17 @@ import json
 
 import pytest
 import torch
-from helpers_models import demo_train_args, make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer
-from transformers import TrainingArguments
+from helpers_models import (
+    demo_train_args,
+    make_tiny_model,
+    make_tiny_model_dir,
+    make_tiny_tokenizer,
+    tiny_task_rows,
+    tiny_training_args,
+)
 
 from safeft.components.capture import decoder_layers
-from safeft.data import CompletionCollator, Example, tokenize_example
+from safeft.data import CompletionCollator, Example
 from safeft.defenses import build_defenses
 from safeft.defenses import sppft as S
 from safeft.defenses.base import DefenseContext
@@ -130,31 +136,13 @@ def test_prepare_locates_freezes_and_caches(tmp_path, monkeypatch):
     assert other["source"] == "computed" and other["layers"] == [2, 3, 4]
 
 
-def _rows(tok, n=8):
-    words = ["the movie was great", "the movie was bad and boring", "what is the capital of france"]
-    exs = [Example(words[i % 3] + f" {i}", "positive" if i % 2 else "negative") for i in range(n)]
-    return [tokenize_example(tok, e, max_length=32) for e in exs]
-
-
 def _train(tmp_path, model, defenses):
     tok = make_tiny_tokenizer()
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        max_steps=2,
-        save_strategy="no",
-        report_to=[],
-        remove_unused_columns=False,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        weight_decay=0.1,
-    )
+    args = tiny_training_args(tmp_path, max_steps=2, weight_decay=0.1)
     tr = SafeTrainer(
         model=model,
         args=args,
-        train_dataset=_rows(tok),
+        train_dataset=tiny_task_rows(tok, 8, max_length=32),
         data_collator=CompletionCollator(tok),
         processing_class=tok,
         defenses=defenses,

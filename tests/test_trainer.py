@@ -3,45 +3,24 @@
 from __future__ import annotations
 
 import torch
-from helpers_models import make_tiny_model, make_tiny_tokenizer
-from transformers import Trainer, TrainingArguments
+from helpers_models import Rows, make_tiny_model, make_tiny_tokenizer, tiny_task_rows, tiny_training_args
+from transformers import Trainer
 
-from safeft.data import CompletionCollator, Example, tokenize_example
+from safeft.data import CompletionCollator
 from safeft.defenses import Defense, build_defenses
 from safeft.models import setup_trainable
 from safeft.trainer import SafeTrainer
 
 
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
 def _data(tok, n=12):
-    words = ["the movie was great", "the movie was bad and boring", "what is the capital of france"]
-    exs = [Example(words[i % 3] + f" {i}", "positive" if i % 2 else "negative") for i in range(n)]
-    return _Rows([tokenize_example(tok, e, max_length=64) for e in exs])
-
-
-def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=3,
-                logging_steps=1, save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True,
-                disable_tqdm=True, seed=0, data_seed=0)
-    base.update(kw)
-    return TrainingArguments(**base)
+    return Rows(tiny_task_rows(tok, n))
 
 
 def _train(tmp_path, trainer_cls, method="lora", **kw):
     tok = make_tiny_tokenizer()
     model = setup_trainable(make_tiny_model(seed=0), method=method, lora_r=4, lora_alpha=8)
     extra = {"defenses": kw.pop("defenses")} if "defenses" in kw else {}
-    tr = trainer_cls(model=model, args=_args(tmp_path, **kw), train_dataset=_data(tok),
+    tr = trainer_cls(model=model, args=tiny_training_args(tmp_path, **kw), train_dataset=_data(tok),
                      data_collator=CompletionCollator(tok), processing_class=tok, **extra)
     tr.train()
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
