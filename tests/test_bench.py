@@ -370,7 +370,7 @@ def test_rows_ratios_tables_and_plot_from_finished_cells(tmp_path):
     (out / "cells" / "p0.1-cwac-s0" / "eval.json").write_text(json.dumps(ev))
     write_reports(pre, cells, out, command="safeft bench --preset mini", wall_seconds=42.0)
     md = (out / "results.md").read_text()
-    assert "## HarmBench copyright items" in md and "| cwac | 0.1 | 25.0 | 8 |" in md
+    assert "## HarmBench copyright items" in md and "| cwac | 0.1 | 0 | 25.0 | 8 |" in md
     assert "| cwac | 10.0 [5.0, 15.0] |" in md  # HS unchanged by them
 
 

@@ -330,9 +330,9 @@ def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, 
         lines += ["## HarmBench copyright items (apart from HS)", "",
                   "A small model cannot reproduce a book or a song: these answers are judged like the others but "
                   "never counted in HS (`eval.n_copyright`).", "",
-                  "| defense | p | % `harmful` | n |", "|---|---|---|---|"]
-        lines += [f"| {r['defense']} | {_num(r['p'], '{:g}')} | {r['hs_copyright']:.1f} | {r['n_eval_copyright']} |"
-                  for r in cr]
+                  "| defense | p | seed | % `harmful` | n |", "|---|---|---|---|---|"]
+        lines += [f"| {r['defense']} | {_num(r['p'], '{:g}')} | {_num(r['seed'], '{}')} | {r['hs_copyright']:.1f} "
+                  f"| {r['n_eval_copyright']} |" for r in cr]
         lines.append("")
     # the ablation rows: sft and the CWAC family, plain and as labelled variants (cwac@x, cwac-weight@x, ...),
     # grouped by label so that each setting's weight-only / activation-only / both sit together
