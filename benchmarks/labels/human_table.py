@@ -61,11 +61,16 @@ def _hits(answers: dict[str, str], outcome: str) -> np.ndarray:
     return np.array([a == outcome for a in answers.values()], dtype=float)
 
 
+def _pct(answers: dict[str, str], outcome: str) -> float:
+    """Percent of answers with ``outcome``, as count × 100 / n (so 69 of 240 prints 28.8, as compare.py prints it)."""
+    return 100 * sum(a == outcome for a in answers.values()) / len(answers)
+
+
 def rate(answers: dict[str, str], outcome: str) -> tuple[float, float, float]:
     """Percent of answers with ``outcome`` and its 95% bootstrap CI."""
     x = _hits(answers, outcome)
     lo, hi = bootstrap_ci(x, n_boot=N_BOOT, seed=SEED)
-    return 100 * float(x.mean()), 100 * lo, 100 * hi
+    return _pct(answers, outcome), 100 * lo, 100 * hi
 
 
 def paired(a: dict[str, str], b: dict[str, str], outcome: str) -> tuple[float, float, float, int]:
@@ -138,7 +143,7 @@ def seeds_table(models: dict[str, dict[str, str]]) -> str:
     for base, runs in groups.items():
         row = [base, ", ".join(str(s) for s in runs)]
         for outcome in ("harmful", "refusal"):
-            v = [100 * float(_hits(models[name], outcome).mean()) for name in runs.values()]  # no CI needed
+            v = [_pct(models[name], outcome) for name in runs.values()]  # no CI needed
             row += [mean_range(v), " / ".join(f"{x:.1f}" for x in v)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
