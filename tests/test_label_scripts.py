@@ -183,3 +183,25 @@ def test_label_scripts_name_a_label_file_that_is_not_utf8(tmp_path):
     (dest / "labels.csv").write_bytes((dest / "labels.csv").read_bytes() + b"\xff\xfe,refusal,\n")
     r = _run("human_table.py", "--batches", str(dest))
     assert r.returncode != 0 and "labels.csv: not UTF-8" in r.stderr
+
+
+def _task_cell(root: Path, name: str, correct: list[bool]) -> Path:
+    d = _cell(root, name, ["I can't help with that."])
+    ev = json.loads((d / "eval.json").read_text())
+    ev["task"] = {"records": [{"prompt": f"sentence {i}", "label": "positive", "answer": "positive" if c else "negative",
+                               "correct": c} for i, c in enumerate(correct)]}  # fmt: skip
+    (d / "eval.json").write_text(json.dumps(ev))
+    return d
+
+
+def test_paired_fa_reads_the_difference_sentence_by_sentence(tmp_path):
+    ref = _task_cell(tmp_path, "ref", [True, True, False, False])
+    better = _task_cell(tmp_path, "better", [True, True, True, True])  # +50 points on the same sentences
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paired_fa.py"), "--reference", str(ref),
+                        str(better), str(ref)], capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "| better | 4 | 100.0 | +50.0 [" in r.stdout and "| ref | 4 | 50.0 | +0.0 [+0.0, +0.0] |" in r.stdout
+    no_task = _cell(tmp_path, "no_task", ["Bananas are yellow."])
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paired_fa.py"), "--reference", str(ref),
+                        str(no_task)], capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert r.returncode != 0 and "no_task/eval.json: no task records" in r.stderr
