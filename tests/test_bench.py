@@ -116,6 +116,14 @@ def test_shipped_presets_plan_and_validate(tmp_path):
     assert set(skipped) == {"pact", "asft", "safelora"}
     assert all("θ_b" in r for r in skipped.values())
     assert {cell_config(c, tmp_path)["data"]["harmful_source"] for c in small if not c.skip} == {"advbench"}
+    for c in small:  # v2: tiny's evaluation (issue 14)
+        ev = cell_config(c, tmp_path)["eval"]
+        assert ev["harmful_source"] == "harmbench_heldout" and ev["n_harmful"] >= 200 and ev["n_xstest"] >= 100
+    small_seeds = {(c.defense, c.seed) for c in small if c.p == 0.1}
+    assert {(d, s) for d in ("sft", "cwac") for s in (0, 1, 2)} <= small_seeds
+    assert {c.p for c in small if c.defense == "cwac"} == {0.0, 0.1}
+    v1_small = plan_cells(load_preset("small-v1"), tmp_path)  # the first version, kept with its cells
+    assert {cell_config(c, tmp_path)["eval"]["n_harmful"] for c in v1_small} == {48}
     for name in ("small-attack", "small-attack-content", "small-cwac-tune", "tiny-val", "tiny-attack", "tiny-attack-echo", "tiny-attack-hh",
                  "tiny-tune", "cwac-tune"):  # tuning presets: no test prompts
         val = plan_cells(load_preset(name), tmp_path)
@@ -147,6 +155,22 @@ def test_tiny_runs_the_settings_tiny_tune_chose(tmp_path):
         assert cfg["data"] == t["data"] and cfg["model"] == t["model"] and cfg["align"] == t["align"]
         checked.append(c.defense)
     assert {"cwac", "pact"} <= set(checked)
+
+
+def test_small_runs_tinys_settings_unchanged(tmp_path):
+    """Issue 14: the settings chosen on tiny's validation prompts carry to small unchanged, for every defense alike."""
+    tiny = {c.defense: cell_config(c, tmp_path) for c in plan_cells(load_preset("tiny"), tmp_path)
+            if c.kind == "train" and c.p == 0.1 and c.seed == 0}
+    checked = []
+    for c in plan_cells(load_preset("small"), tmp_path):
+        if c.kind != "train" or c.defense == "sft":
+            continue
+        cfg = cell_config(c, tmp_path)
+        assert cfg["defense"] == tiny[c.defense]["defense"], c.defense
+        assert {k: cfg["training"][k] for k in ("lr", "epochs", "lora_r", "lora_alpha", "lora_targets")} == {
+            k: tiny[c.defense]["training"][k] for k in ("lr", "epochs", "lora_r", "lora_alpha", "lora_targets")}
+        checked.append(c.defense)
+    assert {"cwac", "lisa", "safeinstr", "sppft", "salora", "pact", "asft", "safelora"} <= set(checked)
 
 
 def test_plan_order_options_fallback_and_only(tmp_path):
