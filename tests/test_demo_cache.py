@@ -10,6 +10,7 @@ import pytest
 
 import safeft.pipeline as pipeline
 from safeft.eval.judges.keyword import KeywordJudge
+from safeft.io import jsonable
 
 
 def _report(judge: str) -> dict:
@@ -30,14 +31,14 @@ def fake(monkeypatch, tmp_path):
         out.mkdir(parents=True, exist_ok=True)
         from safeft.defenses.base import defaults_revisions
 
-        (out / "run.json").write_text(json.dumps({"config": pipeline._jsonable(cfg.to_dict()),
+        (out / "run.json").write_text(json.dumps({"config": jsonable(cfg.to_dict()),
                                                   "defense_revisions": defaults_revisions(cfg.defense.name),
                                                   "aligned_model": str(aligned), "train_seconds": 1.5}))
         return {"model": None, "tokenizer": None, "train_seconds": 1.5}
 
     def run_eval(cfg, model=None, tokenizer=None, splits=None, out_path=None):
         calls["eval"] += 1
-        rep = {**_report("keyword"), "eval_config": pipeline._jsonable(cfg.to_dict()["eval"])}
+        rep = {**_report("keyword"), "eval_config": jsonable(cfg.to_dict()["eval"])}
         if out_path:
             Path(out_path).parent.mkdir(parents=True, exist_ok=True)
             Path(out_path).write_text(json.dumps(rep))

@@ -394,7 +394,7 @@ def test_hooks_per_optimizer_step_and_sharding_refusal_as_in_safetrainer(tmp_pat
 
 # ---- checkpoint + resume -------------------------------------------------------------------------------------------
 def _lisa_context(tok) -> DefenseContext:
-    from safeft.pipeline import tokenize_all
+    from safeft.data.rows import tokenize_all
 
     align = [Example(p, "i cannot help with that request", "refusal") for p in ANCHORS[:8]]
     collator = CompletionCollator(tok)

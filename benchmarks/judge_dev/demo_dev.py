@@ -33,14 +33,15 @@ CELLS = [  # (defense, seed, p): fresh seeds and a larger p than the demo (seed 
 def main() -> None:
     from safeft.config import build_config
     from safeft.data import load_demo
+    from safeft.data.splits import prompt_bucket
     from safeft.demo import DEMO_DEFENSE_OPTIONS, DEMO_SETTINGS
     from safeft.eval import generate
     from safeft.io import atomic_write_json
-    from safeft.pipeline import _bucket, run_train
+    from safeft.pipeline import run_train
 
     demo = load_demo()
-    harmful = [h["prompt"] for h in demo.harmful if _bucket(h["prompt"]) < 70]
-    safe = [p for p in demo.contrast_prompts if _bucket(p) < 70]
+    harmful = [h["prompt"] for h in demo.harmful if prompt_bucket(h["prompt"]) < 70]
+    safe = [p for p in demo.contrast_prompts if prompt_bucket(p) < 70]
     for defense, seed, p in CELLS:
         cell = f"{defense}-p{p}-s{seed}"
         out = HERE / "round5" / "cells" / cell / "eval.json"

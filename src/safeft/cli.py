@@ -180,7 +180,7 @@ def cmd_list(ns: argparse.Namespace) -> int:
 
 def cmd_align(ns: argparse.Namespace) -> int:
     cfg = _config(ns)  # config errors first, before torch is imported
-    from safeft.pipeline import run_align
+    from safeft.align import run_align
 
     spec = cfg.model.base or cfg.model.aligned
     info = run_align(cfg, spec)
@@ -191,10 +191,11 @@ def cmd_align(ns: argparse.Namespace) -> int:
 
 def cmd_prepare(ns: argparse.Namespace) -> int:
     cfg = _config(ns)
-    from safeft.pipeline import _jsonable, run_prepare
+    from safeft.io import jsonable
+    from safeft.pipeline import run_prepare
 
     res = run_prepare(cfg, share_from=ns.share_from, export_to=ns.export, push_to=ns.push_to)
-    print(json.dumps(_jsonable(res), indent=2))
+    print(json.dumps(jsonable(res), indent=2))
     return 0
 
 

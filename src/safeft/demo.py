@@ -159,14 +159,14 @@ def _cached(run_dir: Path, cfg: Any, aligned_dir: Path, judge_name: str) -> tupl
     None. ``run.json`` is written after training and ``eval.json`` after evaluation, each atomically, so a run cut
     short is never taken for a finished one."""
     from safeft.defenses.base import revisions_match
-    from safeft.pipeline import _jsonable
+    from safeft.io import jsonable
 
     run_p, ev_p = run_dir / "run.json", run_dir / "eval.json"
     if not ev_p.is_file():
         return None
     try:
         report = json.loads(ev_p.read_text(encoding="utf-8"))
-        want_eval = json.dumps(_jsonable(cfg.to_dict()["eval"]), sort_keys=True)
+        want_eval = json.dumps(jsonable(cfg.to_dict()["eval"]), sort_keys=True)
         if json.dumps(report.get("eval_config"), sort_keys=True) != want_eval:
             return None
         train_s = None
@@ -174,7 +174,7 @@ def _cached(run_dir: Path, cfg: Any, aligned_dir: Path, judge_name: str) -> tupl
             return None  # θ₀'s row: its eval.json names the θ₀ folder it evaluated
         if run_p.is_file() or run_dir.name != "aligned":
             run = json.loads(run_p.read_text(encoding="utf-8"))
-            have, want = (without_idle_monitor(c) for c in (run.get("config") or {}, _jsonable(cfg.to_dict())))
+            have, want = (without_idle_monitor(c) for c in (run.get("config") or {}, jsonable(cfg.to_dict())))
             same = json.dumps(have, sort_keys=True) == json.dumps(want, sort_keys=True)
             if not same or run.get("aligned_model") != str(aligned_dir):
                 return None

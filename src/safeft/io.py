@@ -151,3 +151,19 @@ def is_finite_number(x: Any) -> bool:
 def iter_chunks(seq: list, size: int) -> Iterator[list]:
     for i in range(0, len(seq), size):
         yield seq[i : i + size]
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON values: keys as text, tuples as lists, NaN / inf as null (a diverged run still gets its
+    record), a one-element tensor as its number, anything else as its text."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "numel") and hasattr(obj, "item") and obj.numel() == 1:  # a one-element tensor (no torch import)
+        return obj.item()
+    return str(obj)

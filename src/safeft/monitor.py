@@ -70,11 +70,11 @@ def default_prompts() -> tuple[list[str], list[str]]:
     trains on these harmful prompts; the contrast prompts do enter the alignment stage and Lisa's alignment data in
     non-demo runs (pass XSTest's safe prompts as ``benign_prompts`` for over-refusal on unseen prompts)."""
     from safeft.data import load_demo
-    from safeft.pipeline import _bucket
+    from safeft.data.splits import prompt_bucket
 
     demo = load_demo()
-    harmful = [h["prompt"] for h in demo.harmful if _bucket(h["prompt"]) >= HELDOUT_BUCKET]
-    benign = [p for p in demo.contrast_prompts if _bucket(p) >= HELDOUT_BUCKET]
+    harmful = [h["prompt"] for h in demo.harmful if prompt_bucket(h["prompt"]) >= HELDOUT_BUCKET]
+    benign = [p for p in demo.contrast_prompts if prompt_bucket(p) >= HELDOUT_BUCKET]
     return harmful, benign
 
 
@@ -555,9 +555,9 @@ class SafetyMonitor(TrainerCallback):
         if hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(str(tmp))
         info = {k: v for k, v in rec.items() if k not in ("answers", "breaches", "action", "seconds")}
-        from safeft.pipeline import _jsonable  # NaN / inf -> null
+        from safeft.io import jsonable  # NaN / inf -> null
 
-        atomic_write_json(tmp / "monitor_check.json", _jsonable(info))
+        atomic_write_json(tmp / "monitor_check.json", jsonable(info))
         if old.exists():
             shutil.rmtree(old)
         if final.exists():
@@ -586,9 +586,9 @@ class SafetyMonitor(TrainerCallback):
             "prompts": {"harmful": self.harmful, "benign": self.benign},
             "answers": {str(r["step"]): r["answers"] for r in self.history},
         }
-        from safeft.pipeline import _jsonable  # NaN / inf -> null (a diverged run still gets its history)
+        from safeft.io import jsonable  # NaN / inf -> null (a diverged run still gets its history)
 
-        atomic_write_json(self.output_dir / MONITOR_FILE, _jsonable(data))
+        atomic_write_json(self.output_dir / MONITOR_FILE, jsonable(data))
 
     def _resume(self, step: int) -> None:
         """Continue a resumed run's history: checks up to ``step`` and the baseline from monitor.json (same

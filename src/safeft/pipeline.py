@@ -6,131 +6,27 @@ contexts and outputs the same way.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from safeft.align import run_align
 from safeft.config import RunConfig
+from safeft.data.rows import RowsDataset, tokenize_all
+from safeft.data.splits import Splits, build_splits, subsample
 from safeft.errors import SafeFTError
-from safeft.io import atomic_write_json
+from safeft.io import atomic_write_json, jsonable
 
-# ---- harmful / benign prompt splits ----------------------------------------------------------------------------
-
-
-def _bucket(text: str) -> int:
-    """Stable bucket in [0, 100) of a prompt's normalised text: the same prompt lands in the same split always."""
-    from safeft.data import normalize_text
-
-    return int(hashlib.sha256(normalize_text(text).encode("utf-8")).hexdigest()[:8], 16) % 100
-
-
-@dataclass
-class Splits:
-    """Disjoint prompt sets of one run (checked on normalised text).
-
-    poison: harmful prompt → compliant answer pairs mixed into the user data.
-    eval_harmful: held-out harmful prompts for the harmful score.
-    anchor_pool: harmful prompts defenses may use as anchors (CWAC), never evaluated on.
-    refusal_pairs: harmful prompt → refusal pairs (PACT's responses, SafeInstr, Lisa's alignment data).
-    align_refusals / benign: the alignment stage's training data.
-    harmless_pool: harmless prompts (SAE training mix, feature ranking).
-    """
-
-    poison: list = field(default_factory=list)
-    eval_harmful: list[str] = field(default_factory=list)
-    anchor_pool: list[str] = field(default_factory=list)
-    refusal_pairs: list = field(default_factory=list)
-    align_refusals: list = field(default_factory=list)
-    benign: list = field(default_factory=list)
-    harmless_pool: list[str] = field(default_factory=list)
-    xstest_safe: list[str] = field(default_factory=list)
-
-
-def build_splits(cfg: RunConfig, need_poison: bool = True) -> Splits:
-    """Build every prompt set for a run. Refusal data is split by a stable hash: buckets [0, 50) train the
-    alignment stage, [50, 100) serve the defenses (anchors, PACT, SafeInstr, Lisa). Harmful prompts overlapping the
-    evaluation set are dropped from every training-side set; the result is checked disjoint."""
-    from safeft.data import (
-        Example,
-        check_disjoint,
-        load_benign_pairs,
-        load_demo,
-        load_harmful_pairs,
-        load_harmful_prompts,
-        load_refusal_pairs,
-        normalize_text,
-        shared_data_dir,
-    )
-
-    s = Splits()
-    demo_mode = cfg.data.task == "demo" or cfg.data.harmful_source == "demo" or cfg.eval.harmful_source == "demo"
-    demo = load_demo() if demo_mode else None
-
-    # evaluation prompts first: everything else is made disjoint from them
-    if cfg.eval.harmful_source == "demo":
-        s.eval_harmful = [h["prompt"] for h in demo.harmful if _bucket(h["prompt"]) >= 70]
-    elif cfg.eval.harmful_source == cfg.data.harmful_source:
-        s.eval_harmful = [p for p in load_harmful_prompts(cfg.eval.harmful_source, cfg.eval.harmful_path) if _bucket(p) >= 50]
-    else:
-        s.eval_harmful = load_harmful_prompts(cfg.eval.harmful_source, cfg.eval.harmful_path)
-    held = {normalize_text(p) for p in s.eval_harmful}
-
-    def keep(prompt: str) -> bool:
-        return normalize_text(prompt) not in held
-
-    if need_poison:
-        if cfg.data.harmful_source == "demo":
-            pairs = [Example(h["prompt"], h["compliant"], "harmful", None, {"category": h.get("category")}) for h in demo.harmful
-                     if 50 <= _bucket(h["prompt"]) < 70]
-        elif cfg.data.harmful_source == cfg.eval.harmful_source:
-            pairs = [e for e in load_harmful_pairs(cfg.data.harmful_source, cfg.data.harmful_path) if _bucket(e.prompt) < 50]
-        else:
-            pairs = load_harmful_pairs(cfg.data.harmful_source, cfg.data.harmful_path)
-        s.poison = [e for e in pairs if keep(e.prompt)]
-
-    if demo_mode:
-        refusals = [Example(h["prompt"], h["refusal"], "refusal", None, {"category": h.get("category")}) for h in demo.harmful
-                    if _bucket(h["prompt"]) < 50]
-        benign = load_benign_pairs("demo")
-    else:
-        refusals = load_refusal_pairs("safety_tuned_llamas")
-        benign = load_benign_pairs("demo")
-        root = shared_data_dir()
-        if root is not None and (root / "overrefusal" / "xstest.csv").is_file():
-            from safeft.io import read_csv
-
-            s.xstest_safe = [r["prompt"] for r in read_csv(root / "overrefusal" / "xstest.csv") if r.get("label") == "safe"]
-    poison_prompts = {normalize_text(e.prompt) for e in s.poison}
-    refusals = [e for e in refusals if keep(e.prompt) and normalize_text(e.prompt) not in poison_prompts]
-    if demo_mode:
-        # the demo is small: the alignment stage and the defenses share the refusal set (never the eval set)
-        s.align_refusals = refusals
-        s.refusal_pairs = refusals
-    else:
-        s.align_refusals = [e for e in refusals if _bucket(e.prompt) < 50]
-        s.refusal_pairs = [e for e in refusals if _bucket(e.prompt) >= 50]
-    s.anchor_pool = [e.prompt for e in s.refusal_pairs]
-    s.benign = benign
-    s.harmless_pool = [e.prompt for e in benign if not e.meta.get("contrast")]
-    if not s.xstest_safe and demo is not None:
-        s.xstest_safe = [p for p in demo.contrast_prompts if _bucket(p) >= 70]
-        # contrast prompts used for over-refusal are not trained on
-        held_c = {normalize_text(p) for p in s.xstest_safe}
-        s.benign = [e for e in s.benign if normalize_text(e.prompt) not in held_c]
-    sets = {"eval_harmful": s.eval_harmful, "anchor_pool": s.anchor_pool}
-    if s.poison:
-        sets["poison"] = [e.prompt for e in s.poison]
-    check_disjoint(sets)
-    return s
-
+__all__ = [  # the entry points; build_splits, Splits, tokenize_all and run_align are re-exported from their modules
+    "Splits", "artifacts_root", "build_context", "build_splits", "build_task_data", "load_frozen", "load_trained",
+    "resolve", "run_align", "run_eval", "run_prepare", "run_train", "share_settings", "tokenize_all",
+]  # fmt: skip
 
 # ---- models ------------------------------------------------------------------------------------------------------
 
@@ -172,29 +68,6 @@ def artifacts_root(cfg: RunConfig) -> Path:
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
-
-
-class _ExampleDataset(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
-
-
-def tokenize_all(tokenizer, examples, template: str, max_length: int, source: str = "train data") -> list[dict]:
-    from safeft.data import tokenize_example
-
-    out = []
-    for i, ex in enumerate(examples):
-        try:
-            out.append(tokenize_example(tokenizer, ex, template=template, max_length=max_length))
-        except SafeFTError as e:
-            raise SafeFTError(f"{source}, example {i + 1}: {e}") from None
-    return out
 
 
 def build_task_data(cfg: RunConfig, splits: Splits) -> list:
@@ -441,7 +314,7 @@ def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> 
     prepare_seconds = time.perf_counter() - t_prep
 
     timer = _StepTimer()
-    trainer = SafeTrainer(model=model, args=args, train_dataset=_ExampleDataset(train_rows), data_collator=collator,
+    trainer = SafeTrainer(model=model, args=args, train_dataset=RowsDataset(train_rows), data_collator=collator,
                           processing_class=tokenizer, defenses=defenses, callbacks=[timer.callback()])
     monitor = None
     if cfg.monitor.enabled:
@@ -476,7 +349,7 @@ def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> 
     record = {
         "config": cfg.to_dict(),
         # the settings each defense ran with, defaults filled in, and the revision of those defaults
-        "defense_config_resolved": {d.name: _jsonable(asdict(d.config)) for d in defenses
+        "defense_config_resolved": {d.name: jsonable(asdict(d.config)) for d in defenses
                                     if is_dataclass(d.config)},
         "defense_revisions": defaults_revisions([d.name for d in defenses]),
         "aligned_model": str(aligned_dir),
@@ -501,7 +374,7 @@ def run_train(cfg: RunConfig, *, keep_model: bool = False, log: Any = print) -> 
     if monitor is not None:
         record["monitor"] = monitor.summary()
     if main_process:
-        atomic_write_json(out_dir / "run.json", _jsonable(record))
+        atomic_write_json(out_dir / "run.json", jsonable(record))
     trainer.accelerator.wait_for_everyone()
     if keep_model:
         record["model"] = trainer.model
@@ -539,20 +412,6 @@ def _training_args(cfg: RunConfig, out_dir: Path):
     )
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    return str(obj)
-
-
 # ---- evaluation --------------------------------------------------------------------------------------------------
 
 
@@ -587,7 +446,7 @@ def run_eval(cfg: RunConfig, model=None, tokenizer=None, splits: Splits | None =
     from safeft.models import load_model
 
     splits = splits or build_splits(cfg, need_poison=False)
-    harmful = _subsample(splits.eval_harmful, cfg.eval.n_harmful, cfg.eval.seed)
+    harmful = subsample(splits.eval_harmful, cfg.eval.n_harmful, cfg.eval.seed)
     if cfg.data.task == "demo":
         task_examples = load_demo().sentiment_test
         task_name = "sst2"
@@ -595,13 +454,13 @@ def run_eval(cfg: RunConfig, model=None, tokenizer=None, splits: Splits | None =
         split = "validation" if cfg.data.task == "sst2" else "test"
         task_examples = load_task(cfg.data.task, split, path=None, seed=cfg.eval.seed)
         task_name = cfg.data.task
-    task_examples = _subsample(task_examples, cfg.eval.n_task, cfg.eval.seed)
-    xs = _subsample(splits.xstest_safe, cfg.eval.n_xstest, cfg.eval.seed) if cfg.eval.n_xstest else None
+    task_examples = subsample(task_examples, cfg.eval.n_task, cfg.eval.seed)
+    xs = subsample(splits.xstest_safe, cfg.eval.n_xstest, cfg.eval.seed) if cfg.eval.n_xstest else None
     cr = None
     if cfg.eval.n_copyright:
         from safeft.data import load_harmful_prompts
 
-        cr = _subsample(load_harmful_prompts("harmbench_copyright"), cfg.eval.n_copyright, cfg.eval.seed)
+        cr = subsample(load_harmful_prompts("harmbench_copyright"), cfg.eval.n_copyright, cfg.eval.seed)
     judge = get_judge(cfg.eval.judge)
     if model is None and run_dir is not None:
         model, tokenizer = load_trained(cfg, run_dir)
@@ -614,126 +473,7 @@ def run_eval(cfg: RunConfig, model=None, tokenizer=None, splits: Splits | None =
         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, copyright_prompts=cr,
     )
     report["model"] = cfg.model.aligned
-    report["eval_config"] = _jsonable(cfg.to_dict()["eval"])
+    report["eval_config"] = jsonable(cfg.to_dict()["eval"])
     if out_path:
-        atomic_write_json(out_path, _jsonable(report))
+        atomic_write_json(out_path, jsonable(report))
     return report
-
-
-def _subsample(items: list, n: int, seed: int) -> list:
-    if n <= 0 or n >= len(items):
-        return list(items)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(items), generator=g)[:n].tolist()
-    return [items[i] for i in sorted(idx)]
-
-
-# ---- alignment stage ---------------------------------------------------------------------------------------------
-
-
-def _align_key(cfg: RunConfig, base_fp: str, examples: list) -> str:
-    """Cache key of an alignment-stage output: θ_b's weights, the stage's settings and the exact training examples
-    (so two runs share θ₀ exactly when they would train the same model)."""
-    h = hashlib.sha256()
-    for e in examples:
-        h.update(f"{e.kind}\x00{e.prompt}\x00{e.response}\x01".encode())
-    payload = {"base": base_fp, "align": cfg.to_dict()["align"], "template": cfg.data.template,
-               "lora_targets": cfg.training.lora_targets, "data": h.hexdigest(), "v": 2}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _validation_harmful(cfg: RunConfig, splits: Splits) -> list[str]:
-    """Harmful prompts for checking the alignment stage: HarmBench's validation split when the shared data is there
-    (never the test prompts the benchmark reports HS on), else the run's held-out evaluation prompts (demo)."""
-    from safeft.data import load_harmful_prompts, shared_data_dir
-
-    if cfg.eval.harmful_source != "demo" and shared_data_dir() is not None:
-        try:
-            return load_harmful_prompts("harmbench_val")
-        except SafeFTError:
-            pass
-    return splits.eval_harmful
-
-
-def run_align(cfg: RunConfig, base_spec: str, *, evaluate: bool = True, log: Any = print) -> dict[str, Any]:
-    """Safety SFT of ``base_spec`` (θ_b) on harmful-prompt → refusal pairs plus benign instructions (safe-but-
-    scary contrast prompts included, so it learns to discriminate), LoRA merged into the weights. The result is θ₀,
-    cached under ``<cache>/aligned/`` keyed by θ_b's fingerprint and ``cfg.align``; a second call loads it."""
-    from safeft.data import CompletionCollator
-    from safeft.models import cache_root, fingerprint, load_model, resolve_model, setup_trainable
-    from safeft.trainer import SafeTrainer
-
-    base_dir = resolve_model(base_spec, cache_dir=cfg.model.cache_dir, trust_remote_code=cfg.model.trust_remote_code)
-    base_fp = fingerprint(base_dir)
-    splits = build_splits(cfg, need_poison=False)
-    a = cfg.align
-    g = torch.Generator().manual_seed(a.seed)
-    refusals = [splits.align_refusals[i] for i in torch.randperm(len(splits.align_refusals), generator=g)[: a.n_refusal]]
-    benign = [splits.benign[i] for i in torch.randperm(len(splits.benign), generator=g)[: a.n_benign]]
-    if not refusals:
-        raise SafeFTError("alignment stage: no refusal pairs available; check the data sources")
-    contrast = [e for e in benign if e.meta.get("contrast")]
-    examples = refusals + benign + contrast * (a.contrast_repeat - 1)
-    key = _align_key(cfg, base_fp, examples)
-    root = (Path(cfg.model.cache_dir) if cfg.model.cache_dir else cache_root()) / "aligned"
-    out = root / f"{Path(str(base_dir)).name}-{key}"
-    info_path = out / "align.json"
-    if info_path.is_file() and (out / "config.json").is_file():
-        info = json.loads(info_path.read_text())
-        info["aligned_dir"] = out
-        info["cached"] = True
-        return info
-    log(f"alignment stage: {len(refusals)} refusal + {len(benign)} benign pairs, {a.steps} steps (cached afterwards)")
-    t0 = time.perf_counter()
-    torch.manual_seed(a.seed)
-    model, tok, _ = load_model(str(base_dir), dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
-    model = setup_trainable(model, method="lora", lora_r=a.lora_r, lora_alpha=a.lora_alpha,
-                            target_modules=cfg.training.lora_targets)
-    rows = tokenize_all(tok, examples, cfg.data.template, a.max_length, "alignment data")
-    from transformers import TrainingArguments
-
-    tmp_out = root / f".{out.name}.run"
-    args = TrainingArguments(
-        output_dir=str(tmp_out), per_device_train_batch_size=a.batch_size, learning_rate=a.lr, max_steps=a.steps,
-        lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=max(1, a.steps // 10), save_strategy="no",
-        seed=a.seed, report_to=[], remove_unused_columns=False, disable_tqdm=not cfg.training.progress,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-    )
-    trainer = SafeTrainer(model=model, args=args, train_dataset=_ExampleDataset(rows),
-                          data_collator=CompletionCollator(tok), processing_class=tok)
-    trainer.train()
-    merged = trainer.model.merge_and_unload()
-    stage = root / f".{out.name}.tmp"
-    if stage.exists():
-        shutil.rmtree(stage)
-    merged.save_pretrained(str(stage), safe_serialization=True)
-    tok.save_pretrained(str(stage))
-    info: dict[str, Any] = {
-        "base_model": str(base_dir), "base_fingerprint": base_fp, "align_config": cfg.to_dict()["align"],
-        "n_refusal": len(refusals), "n_benign": len(benign), "train_seconds": time.perf_counter() - t0,
-        "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
-    }
-    if evaluate:
-        from safeft.eval import KeywordJudge, generate
-
-        judge = KeywordJudge()
-        harm = _subsample(_validation_harmful(cfg, splits), 40, a.seed)
-        safe = _subsample(splits.xstest_safe, 40, a.seed)
-        merged.eval()
-        ans_h = generate(merged, tok, harm, template=cfg.data.template, max_new_tokens=48, batch_size=16,
-                         desc="align check: harmful")
-        ans_s = generate(merged, tok, safe, template=cfg.data.template, max_new_tokens=48, batch_size=16,
-                         desc="align check: safe") if safe else []
-        info["refusal_rate_harmful"] = sum(judge.is_refusal(x) for x in ans_h) / max(1, len(ans_h))
-        info["refusal_rate_safe"] = sum(judge.is_refusal(x) for x in ans_s) / max(1, len(ans_s)) if ans_s else None
-        info["check_sizes"] = [len(ans_h), len(ans_s)]
-        log(f"aligned model: refuses {info['refusal_rate_harmful']:.0%} of {len(ans_h)} held-out (validation) harmful prompts, "
-            f"{(info['refusal_rate_safe'] or 0):.0%} of {len(ans_s)} safe contrast prompts")
-    atomic_write_json(stage / "align.json", _jsonable(info))
-    if out.exists():
-        shutil.rmtree(out)
-    stage.rename(out)
-    shutil.rmtree(tmp_out, ignore_errors=True)
-    info["aligned_dir"] = out
-    info["cached"] = False
-    return info
