@@ -30,13 +30,16 @@ def task_correct(cell: Path) -> dict[str, bool]:
     if not path.is_file():
         raise SafeFTError(f"{path}: no such file; give a finished cell's folder or its eval.json")
     kind, ev = read_judge_input(path)
-    recs = (ev.get("task") or {}).get("records") if kind == "eval" else None
-    if not recs:
+    task = ev.get("task") if kind == "eval" else None
+    recs = task.get("records") if isinstance(task, dict) else None
+    if not recs or not isinstance(recs, list):
         raise SafeFTError(f"{path}: no task records (eval.json 'task.records'); was the cell evaluated on a task?")
     out = {}
     for i, r in enumerate(recs):
-        if not isinstance(r.get("prompt"), str) or not isinstance(r.get("correct"), bool):
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("correct"), bool):
             raise SafeFTError(f"{path}: task record {i} lacks a text 'prompt' or a true/false 'correct'")
+        if r["prompt"] in out:
+            raise SafeFTError(f"{path}: task record {i} repeats an earlier sentence; pairing by sentence needs each once")
         out[r["prompt"]] = r["correct"]
     return out
 

@@ -205,3 +205,29 @@ def test_paired_fa_reads_the_difference_sentence_by_sentence(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paired_fa.py"), "--reference", str(ref),
                         str(no_task)], capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
     assert r.returncode != 0 and "no_task/eval.json: no task records" in r.stderr
+
+
+def test_blind_reader_keeps_unicode_line_separators_and_a_byte_order_mark(tmp_path):
+    """An answer holding U+2028 stays one JSONL record; a label file saved with a BOM reads its `id` column."""
+    a = _cell(tmp_path, "a", ["I can't help\u2028with that.", "Bananas are yellow."])
+    dest = tmp_path / "set"
+    assert _run("make_blind.py", "--dest", str(dest), "--harmful-only", "--cells", f"m1={a}").returncode == 0
+    blind = [json.loads(x) for x in (dest / "blind.jsonl").read_text(encoding="utf-8").split("\n") if x]
+    with open(dest / "labels.csv", "w", newline="", encoding="utf-8-sig") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "outcome", "note"])
+        for x in blind:
+            w.writerow([x["id"], "refusal" if "help" in x["answer"] else "other", "two\nlines"])
+    r = _run("human_table.py", "--batches", str(dest))
+    assert r.returncode == 0, r.stderr
+    assert "| m1 | 2 | 0.0 [0.0, 0.0] | 50.0 [" in r.stdout
+
+
+def test_paired_fa_refuses_a_repeated_sentence(tmp_path):
+    ref = _task_cell(tmp_path, "ref", [True, False])
+    ev = json.loads((ref / "eval.json").read_text())
+    ev["task"]["records"][1]["prompt"] = ev["task"]["records"][0]["prompt"]
+    (ref / "eval.json").write_text(json.dumps(ev))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paired_fa.py"), "--reference", str(ref), str(ref)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert r.returncode != 0 and "repeats an earlier sentence" in r.stderr

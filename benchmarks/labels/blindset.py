@@ -8,6 +8,7 @@ Each problem is one line naming the file and row.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -19,7 +20,8 @@ OUTCOMES = ("refusal", "harmful", "other")
 def read_blind(path: Path) -> dict[str, dict[str, str]]:
     """``{id: record}`` of ``blind.jsonl`` (each record has ``prompt``, ``answer``, ``prompt_kind``)."""
     out: dict[str, dict[str, str]] = {}
-    for n, line in enumerate(_text(path).splitlines(), 1):
+    for n, line in enumerate(_text(path).split("\n"), 1):  # not splitlines(): U+2028 may sit inside an answer
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         try:
@@ -55,13 +57,13 @@ def read_labels(path: Path, ids: set[str] | None = None) -> dict[str, str]:
 
 def _text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is not part of the header
     except UnicodeDecodeError as e:
         raise SafeFTError(f"{path}: not UTF-8 (byte {e.start}); save it as UTF-8") from None
 
 
 def _rows(path: Path, need: tuple[str, ...]):
-    reader = csv.DictReader(_text(path).splitlines())
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""))  # quoted notes may hold line breaks
     missing = [c for c in need if c not in (reader.fieldnames or [])]
     if missing:
         raise SafeFTError(f"{path}: missing column(s) {', '.join(missing)}; the header must name {', '.join(need)}")

@@ -10,7 +10,7 @@ prompts, resampling the same prompts for both models, which is tighter than comp
 A model named in two batches, or a prompt answered twice by one model, is an error.
 
 Models named ``NAME-sK`` (K a seed number) are runs of ``NAME`` with another seed: where a name has runs for two or
-more seeds (``NAME`` itself is seed 0), an "Across seeds" table gives the mean over seeds and the range (min–max).
+more seeds (``NAME`` itself is seed 0), an "Across seeds" table gives the mean over seeds and the range, written `mean [min–max]`.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def main() -> None:
         f"the same prompts resampled for both models.\n\n{md}"
     )
     if seeds:
-        text += f"\n## Across seeds\n\nMean over seeds and range (min–max); seed 0 is the unsuffixed row above.\n\n{seeds}"
+        text += f"\n## Across seeds\n\nMean over seeds and range, written `mean [min–max]`; seed 0 is the unsuffixed row above.\n\n{seeds}"
     print(text)
     if a.out:
         from safeft.io import atomic_write_text
