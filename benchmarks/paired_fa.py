@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from safeft.errors import SafeFTError
-from safeft.eval.metrics import bootstrap_ci
+from safeft.eval.metrics import paired_difference
 from safeft.eval.rejudge import read_judge_input
 
 N_BOOT, SEED = 2000, 0
@@ -44,16 +42,13 @@ def task_correct(cell: Path) -> dict[str, bool]:
     return out
 
 
-def paired_fa(cell: dict[str, bool], ref: dict[str, bool]) -> tuple[float, float, float, float, float, int]:
-    """(FA of ``cell``, FA of ``ref``, cell − ref in points, its 95% CI low, high, sentences both answered)."""
-    common = sorted(set(cell) & set(ref))
-    if not common:
-        raise SafeFTError("no task sentence answered by both cells: they are from different presets or tasks")
-    d = np.array([float(cell[p]) - float(ref[p]) for p in common])
-    lo, hi = bootstrap_ci(d, n_boot=N_BOOT, seed=SEED)
-    fa = 100 * sum(cell[p] for p in common) / len(common)
-    fa_ref = 100 * sum(ref[p] for p in common) / len(common)
-    return fa, fa_ref, 100 * float(d.mean()), 100 * lo, 100 * hi, len(common)
+def paired_fa(cell: dict[str, bool], ref: dict[str, bool]) -> tuple[float, float, float, float, int]:
+    """(FA of ``cell`` on the sentences both answered, cell − ref in points, its 95% CI low, high, that count)."""
+    d, lo, hi, n = paired_difference(
+        cell, ref, n_boot=N_BOOT, seed=SEED,
+        empty="no task sentence answered by both cells: they are from different presets or tasks")
+    fa = 100 * sum(cell[p] for p in ref if p in cell) / n
+    return fa, d, lo, hi, n
 
 
 def main() -> None:
@@ -69,7 +64,7 @@ def main() -> None:
     name = a.reference.name if a.reference.is_dir() else a.reference.parent.name
     print(f"| cell | sentences | FA % | FA − {name} (paired) [95% CI] |")
     print("|---|---|---|---|")
-    for c, (fa, _, d, lo, hi, n) in rows:
+    for c, (fa, d, lo, hi, n) in rows:
         cname = c.name if c.is_dir() else c.parent.name
         print(f"| {cname} | {n} | {fa:.1f} | {d:+.1f} [{lo:+.1f}, {hi:+.1f}] |")
 

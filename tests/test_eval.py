@@ -352,6 +352,18 @@ def test_bootstrap_ci_contains_mean_and_narrows():
         bootstrap_ci([])
 
 
+def test_paired_difference_pairs_by_key_and_names_an_empty_pairing():
+    from safeft.eval.metrics import paired_difference
+
+    a = {"p1": True, "p2": True, "p3": False, "p4": True, "only_a": True}
+    b = {"p1": False, "p2": True, "p3": False, "p4": False, "only_b": False}
+    d, lo, hi, n = paired_difference(a, b, n_boot=500, seed=0)
+    assert n == 4 and d == 50.0 and lo <= d <= hi  # (1 + 0 + 0 + 1) / 4 over the shared keys only
+    assert paired_difference(a, a, n_boot=10)[:3] == (0.0, 0.0, 0.0)
+    with pytest.raises(SafeFTError, match="different prompt sets"):
+        paired_difference({"x": 1.0}, {"y": 1.0}, empty="no prompt in both: different prompt sets")
+
+
 def test_mean_range_writes_the_seed_spread_one_way():
     from safeft.eval.metrics import mean_range
 

@@ -23,7 +23,7 @@ import numpy as np
 from blindset import read_blind, read_key, read_labels  # this folder's module (run as a script)
 
 from safeft.errors import SafeFTError
-from safeft.eval.metrics import bootstrap_ci, mean_range
+from safeft.eval.metrics import bootstrap_ci, mean_range, paired_difference
 
 N_BOOT, SEED = 2000, 0
 
@@ -75,12 +75,9 @@ def rate(answers: dict[str, str], outcome: str) -> tuple[float, float, float]:
 
 def paired(a: dict[str, str], b: dict[str, str], outcome: str) -> tuple[float, float, float, int]:
     """a − b in percent points over the prompts both answered, its 95% paired-bootstrap CI, and that count."""
-    common = sorted(set(a) & set(b))
-    if not common:
-        raise SafeFTError("no prompt answered by both models: they are from different prompt sets")
-    d = np.array([(a[p] == outcome) - (b[p] == outcome) for p in common], dtype=float)
-    lo, hi = bootstrap_ci(d, n_boot=N_BOOT, seed=SEED)
-    return 100 * float(d.mean()), 100 * lo, 100 * hi, len(common)
+    return paired_difference({p: o == outcome for p, o in a.items()}, {p: o == outcome for p, o in b.items()},
+                             n_boot=N_BOOT, seed=SEED,
+                             empty="no prompt answered by both models: they are from different prompt sets")
 
 
 def table(models: dict[str, dict[str, str]], reference: str | None, order: list[str] | None = None) -> str:

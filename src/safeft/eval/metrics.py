@@ -6,7 +6,7 @@ All three are pure functions of their inputs (no model), so they are cheap and d
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -63,6 +63,22 @@ def bootstrap_ci(
         means[start:stop] = x[idx].mean(axis=1)
     lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
+
+
+def paired_difference(
+    a: Mapping[Hashable, float | bool], b: Mapping[Hashable, float | bool], *, n_boot: int = 1000, seed: int = 0,
+    empty: str = "nothing to pair: the two sides share no key",
+) -> tuple[float, float, float, int]:
+    """``a − b`` paired by key, in percent points: the mean over the keys both have of ``a[k] − b[k]`` (0/1 or
+    fractions), its 95% percentile-bootstrap CI resampling those keys (the same keys for both sides, which is tighter
+    than two independent intervals), and how many keys were paired. Raises :class:`SafeFTError` with ``empty`` when
+    no key is shared."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise SafeFTError(empty)
+    d = np.array([float(a[k]) - float(b[k]) for k in common])
+    lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed)
+    return 100 * float(d.mean()), 100 * lo, 100 * hi, len(common)
 
 
 def mean_range(values: Sequence[float | None]) -> str:
