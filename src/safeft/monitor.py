@@ -56,7 +56,7 @@ from transformers import TrainerCallback
 
 from safeft.config import MonitorConfig, _section_from_dict, validate_monitor
 from safeft.errors import SafeFTError
-from safeft.io import atomic_write_json
+from safeft.io import atomic_write_json, jsonable
 
 MONITOR_FILE = "monitor.json"
 LAST_SAFE = "last_safe"
@@ -555,8 +555,6 @@ class SafetyMonitor(TrainerCallback):
         if hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(str(tmp))
         info = {k: v for k, v in rec.items() if k not in ("answers", "breaches", "action", "seconds")}
-        from safeft.io import jsonable  # NaN / inf -> null
-
         atomic_write_json(tmp / "monitor_check.json", jsonable(info))
         if old.exists():
             shutil.rmtree(old)
@@ -586,8 +584,6 @@ class SafetyMonitor(TrainerCallback):
             "prompts": {"harmful": self.harmful, "benign": self.benign},
             "answers": {str(r["step"]): r["answers"] for r in self.history},
         }
-        from safeft.io import jsonable  # NaN / inf -> null (a diverged run still gets its history)
-
         atomic_write_json(self.output_dir / MONITOR_FILE, jsonable(data))
 
     def _resume(self, step: int) -> None:
