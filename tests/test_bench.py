@@ -508,6 +508,8 @@ def test_smoke_preset_end_to_end_cached_failed_and_report_only(tmp_path, smoke_e
     assert len(calls) == 3
     printed = capsys.readouterr().out
     assert "[ 2/4] p0.25-sft-s0" in printed and "ETA" in printed and "FAILED" in printed
+    # each cell says it started (with its log) before the long wait, and its result after
+    assert printed.index("p0.25-sft-s0                 running (log: ") < printed.index("p0.25-sft-s0                 ok in")
     rows = {r["defense"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
     assert list(rows) == ["aligned", "sft", "safeinstr", "pact"]
     for r in rows.values():

@@ -148,7 +148,7 @@ def expand_vars(value: Any, where: str, out_dir: Path | None) -> Any:
         if default is not None:
             return default
         raise SafeFTError(
-            f"{where} uses ${{{var}}}, which is not set: export {var}=... (see benchmarks/README.md)"
+            f"{where} uses ${{{var}}}, which is not set: export {var}=... (see benchmarks/RUNNING.md)"
         )
 
     return _VAR.sub(sub, value)
