@@ -111,6 +111,9 @@ def test_shipped_presets_plan_and_validate(tmp_path):
     assert {("sft", s) for s in (0, 1, 2)} | {("cwac", s) for s in (0, 1, 2)} <= seeds
     assert {c.p for c in tiny if c.defense == "cwac"} == {0.0, 0.05, 0.1, 0.2}
     assert {cell_config(c, tmp_path)["data"]["task"] for c in tiny if c.kind == "train"} == {"sst2", "agnews"}
+    # AG News articles run to 375 tokens with the chat template: both cells of the second task take the same, longer limit
+    ag = [cell_config(c, tmp_path)["data"] for c in tiny if c.kind == "train" and c.defense.endswith("@agnews")]
+    assert len(ag) == 2 and {d["task"] for d in ag} == {"agnews"} and {d["max_length"] for d in ag} == {512}
     small = plan_cells(load_preset("small"), tmp_path)
     skipped = {c.defense: c.skip for c in small if c.skip}
     assert set(skipped) == {"pact", "asft", "safelora"}
