@@ -170,6 +170,20 @@ def test_eval_and_prepare_read_only_their_listed_keys(tmp_path, monkeypatch):
 # ---- --version, python -m safeft, exit codes -----------------------------------------------------------------------
 
 
+def test_stdout_is_line_buffered_so_a_redirected_log_shows_progress(monkeypatch):
+    """`safeft bench > bench.log` (no PYTHONUNBUFFERED): each progress line reaches the file when printed."""
+    import io
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # a file-like stdout: block-buffered by default
+    assert not out.line_buffering
+    monkeypatch.setattr(sys, "stdout", out)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert out.line_buffering
+    print("[ 1/2] cell running", file=out)
+    assert out.buffer.getvalue().endswith(b"cell running\n")  # already written through, no flush called
+
+
 def test_version(capsys, monkeypatch):
     import importlib.metadata
 

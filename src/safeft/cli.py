@@ -454,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _line_buffered(sys.stdout)
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
@@ -467,6 +468,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("safeft: interrupted; finished checkpoints are kept: rerun with --resume to continue", file=sys.stderr)
         return 130
+
+
+def _line_buffered(stream: Any) -> None:
+    """Every printed line reaches a redirected stdout at once (``safeft bench > bench.log``: a cell's "running" line,
+    not an 8 KB block at the end of a long run); a stream that cannot be reconfigured is left as it is."""
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(line_buffering=True)
 
 
 def leave_process_group(*, wait: bool) -> None:

@@ -302,7 +302,6 @@ def run_bench(
             log(f"{head} cached")
             continue
         log(f"{head} running (log: {_display_path(cdir / 'log.txt')})")
-        sys.stdout.flush()  # seen now, not when the cell ends (stdout to a file is block-buffered)
         info = run_cell(c, cdir, cfg, h, pre.cell_timeout_minutes * 60 if pre.cell_timeout_minutes else None)
         walls.append(info["wall_seconds"])
         left = n_run - len(walls)
