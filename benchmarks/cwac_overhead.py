@@ -11,6 +11,8 @@ each against the SFT run of its repeat. Output: ``benchmarks/results/cwac_overhe
     python benchmarks/cwac_overhead.py --repeats 3 --steps 12
     python benchmarks/cwac_overhead.py --repeats 6 --artifacts ~/.cache/safeft/artifacts \
         --options '{activation_every: 1}' --options '{activation_every: 4}'
+
+The exact commands of each committed measurement are in its JSON (``command``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ HERE = Path(__file__).resolve().parent
 def _train(defense: str, out: Path, args: argparse.Namespace, artifacts: Path, options: str | None = None) -> dict:
     cmd = [
         sys.executable, "-m", "safeft.cli", "train", "--defense", defense, "--model", args.model,
-        "--base-model", args.base_model, "--task", args.task, "--harmful-source", args.harmful_source,
+        *(["--base-model", args.base_model] if args.base_model != "none" else []),
+        "--task", args.task, "--harmful-source", args.harmful_source,
         "--eval-source", args.eval_source, "--n", str(args.n), "--p", str(args.p),
         "--max-steps", str(args.steps), "--batch-size", "8", "--lr", "5e-4", "--output-dir", str(out),
         "--artifacts-dir", str(artifacts), "--set", "training.save_steps=100000", "--set", "training.progress=false",
@@ -56,7 +59,7 @@ def _train(defense: str, out: Path, args: argparse.Namespace, artifacts: Path, o
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="aligned:smollm2-135m")
-    p.add_argument("--base-model", default="smollm2-135m")
+    p.add_argument("--base-model", default="smollm2-135m", help="θ_b, or 'none' where the preset has none (small)")
     p.add_argument("--task", default="sst2")
     p.add_argument("--harmful-source", default="hh_rlhf")
     p.add_argument("--eval-source", default="harmbench")
