@@ -231,3 +231,41 @@ def test_paired_fa_refuses_a_repeated_sentence(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paired_fa.py"), "--reference", str(ref), str(ref)],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
     assert r.returncode != 0 and "repeats an earlier sentence" in r.stderr
+
+
+def test_parts_are_made_then_joined_in_blind_order_with_checks(tmp_path):
+    a = _cell(tmp_path, "a", list(ANSWERS) + list(ANSWERS)[:2])  # 5 answers → parts of 2 and 3 lines
+    dest = tmp_path / "set"
+    r = _run("make_blind.py", "--dest", str(dest), "--harmful-only", "--parts", "2", "--cells", f"m1={a}")
+    assert r.returncode == 0, r.stderr
+    blind = [json.loads(x) for x in (dest / "blind.jsonl").read_text().splitlines()]
+    parts = [[json.loads(x) for x in (dest / f"part{k}.jsonl").read_text().splitlines()] for k in (1, 2)]
+    assert [len(p) for p in parts] == [2, 3] and parts[0] + parts[1] == blind
+
+    def write(k: int, rows: list[dict], outcome=lambda x: ANSWERS[x["answer"]]) -> None:
+        with open(dest / f"labels_part{k}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "outcome", "note"])
+            w.writerows([x["id"], outcome(x), f"note {x['id']}"] for x in rows)
+
+    write(2, parts[1][::-1])  # a labeller's own order does not matter
+    r = _run("join_parts.py", "--run", str(dest))
+    assert r.returncode != 0 and "labels_part1.csv: missing" in r.stderr
+    write(1, parts[0][:1])
+    r = _run("join_parts.py", "--run", str(dest))
+    assert r.returncode != 0 and "labels_part1.csv: 1 of 2 answers of part1.jsonl unlabelled" in r.stderr
+    write(1, parts[0] + parts[1][:1])  # an answer of the other part
+    r = _run("join_parts.py", "--run", str(dest))
+    assert r.returncode != 0 and "is not in key.csv / blind.jsonl" in r.stderr
+    write(1, parts[0], outcome=lambda x: "unsure")
+    r = _run("join_parts.py", "--run", str(dest))
+    assert r.returncode != 0 and "'unsure' is not refusal / harmful / other" in r.stderr
+    assert not (dest / "labels.csv").exists()
+    write(1, parts[0])
+    r = _run("join_parts.py", "--run", str(dest))
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(dest / "labels.csv")))
+    assert [(x["id"], x["outcome"], x["note"]) for x in rows] == [
+        (b["id"], ANSWERS[b["answer"]], f"note {b['id']}") for b in blind]
+    r = _run("join_parts.py", "--run", str(dest))  # never overwrites
+    assert r.returncode != 0 and "labels.csv exists" in r.stderr

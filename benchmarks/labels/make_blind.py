@@ -14,7 +14,10 @@ the labels can always be checked against the text they label) and writes
   prompt; their labellers were told to read only blind.jsonl and the instructions);
 * ``<dest>/key.csv``: id → model, prompt kind, the judge's outcome (read only after labelling);
 * with ``--second N``, ``<dest>/blind_second.jsonl``: a random N of those lines for a second, independent labeller
-  (its labels go to ``labels_second.csv``).
+  (its labels go to ``labels_second.csv``);
+* with ``--parts N``, ``<dest>/part1.jsonl`` … ``partN.jsonl``: ``blind.jsonl`` cut into N consecutive pieces of
+  (nearly) equal line counts, one per labeller (labels to ``labels_part1.csv`` …; ``join_parts.py --run <dest>``
+  checks them and joins them into ``labels.csv``).
 
 Labels go to ``<dest>/labels.csv`` (``id,outcome,note``; outcome ∈ refusal | harmful | other, by the rubric in
 ``benchmarks/judge_dev/labellers/INSTRUCTIONS.md``); ``compare.py --run <dest>`` then sets them against the judges.
@@ -41,9 +44,13 @@ def main() -> None:
     ap.add_argument("--harmful-only", action="store_true", help="only the answers to harmful prompts")
     ap.add_argument("--second", type=int, default=0, metavar="N",
                     help="also write blind_second.jsonl: a random N of the answers (seed 1) for a second labeller")
+    ap.add_argument("--parts", type=int, default=1, metavar="N",
+                    help="also cut blind.jsonl into part1.jsonl … partN.jsonl, one per labeller (N ≥ 2)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     src, dest = Path(args.src), Path(args.dest)
+    if args.parts < 1:
+        raise SystemExit(f"--parts {args.parts}: give a count ≥ 1")
     if args.cells:
         bad = [c for c in args.cells if "=" not in c]
         if bad:
@@ -76,6 +83,10 @@ def main() -> None:
     random.Random(args.seed).shuffle(items)
     lines = [json.dumps(it, ensure_ascii=False) for it in items]
     atomic_write_text(dest / "blind.jsonl", "".join(x + "\n" for x in lines))
+    if args.parts > 1:
+        bounds = [round(k * len(lines) / args.parts) for k in range(args.parts + 1)]
+        for k in range(args.parts):
+            atomic_write_text(dest / f"part{k + 1}.jsonl", "".join(x + "\n" for x in lines[bounds[k]:bounds[k + 1]]))
     if args.second:
         atomic_write_text(dest / "blind_second.jsonl", "\n".join(random.Random(1).sample(lines, args.second)) + "\n")
     key.sort(key=lambda r: r["id"])
