@@ -127,7 +127,7 @@ def test_shipped_presets_plan_and_validate(tmp_path):
     assert {c.p for c in small if c.defense == "cwac"} == {0.0, 0.1}
     v1_small = plan_cells(load_preset("small-v1"), tmp_path)  # the first version, kept with its cells
     assert {cell_config(c, tmp_path)["eval"]["n_harmful"] for c in v1_small} == {48}
-    for name in ("small-attack", "small-attack-content", "small-cwac-tune", "tiny-val", "tiny-attack", "tiny-attack-echo", "tiny-attack-hh",
+    for name in ("small-attack", "small-attack-content", "small-cwac-tune", "small-cwac-lam", "tiny-val", "tiny-attack", "tiny-attack-echo", "tiny-attack-hh",
                  "tiny-tune", "cwac-tune"):  # tuning presets: no test prompts
         val = plan_cells(load_preset(name), tmp_path)
         assert all(cell_config(c, tmp_path)["eval"]["harmful_source"] == "harmbench_val" for c in val)
