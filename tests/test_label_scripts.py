@@ -94,6 +94,11 @@ def test_human_table_pairs_models_by_prompt(tmp_path):
     row_a = next(x for x in md.splitlines() if x.startswith("| a |"))
     assert row_a.split("|")[5].strip().startswith("+50.0") and row_a.split("|")[6].strip().startswith("-50.0")
     assert "| b | 4 | 50.0" in md
+    # --kept: of the 2 prompts "b" refused, "a" refuses none
+    r = _run("human_table.py", "--batches", str(dest), "--kept", "b", "--out", str(tmp_path / "k.md"))
+    assert r.returncode == 0, r.stderr
+    kept = (tmp_path / "k.md").read_text().split("## Refusals kept of b's", 1)[1]
+    assert "| a | 0 / 2 | 0.0 |" in kept and "| b | 2 / 2 | 100.0 |" in kept
     # bad input: an unknown reference, an outcome outside the scheme — one line naming it
     r = _run("human_table.py", "--batches", str(dest), "--reference", "zzz")
     assert r.returncode != 0 and "--reference 'zzz'" in r.stderr
@@ -269,3 +274,29 @@ def test_parts_are_made_then_joined_in_blind_order_with_checks(tmp_path):
         (b["id"], ANSWERS[b["answer"]], f"note {b['id']}") for b in blind]
     r = _run("join_parts.py", "--run", str(dest))  # never overwrites
     assert r.returncode != 0 and "labels.csv exists" in r.stderr
+
+
+def test_cwac_anchor_refusals_refuses_anchors_of_another_seed_or_a_missing_adapter(tmp_path):
+    """The anchor diagnostic reads the split the defense used: anchors of another θ₀ or seed would give another split."""
+    fp = "ab" * 32
+    cell = tmp_path / "cwac"
+    cell.mkdir()
+    (cell / "run.json").write_text(json.dumps({"config": {"data": {"seed": 0}}, "fingerprint": fp,
+                                               "aligned_model": "unused"}))
+    anchors = tmp_path / "cwac-anchors"
+    anchors.mkdir()
+    (anchors / "manifest.json").write_text(json.dumps({"fingerprint": fp, "config": {"seed": 1},
+                                                       "meta": {"anchors": ["a", "b", "c"]}}))
+    script = str(ROOT / "benchmarks" / "cwac_anchor_refusals.py")
+    args = [sys.executable, script, "--cwac-cell", str(cell), "--anchors", str(anchors), "--out", str(tmp_path / "o")]
+    r = subprocess.run([*args, "--cells", f"sft={cell}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "anchors of another θ₀ or seed (seed 1, cell seed 0)" in r.stderr, r.stderr
+    (anchors / "manifest.json").write_text(json.dumps({"fingerprint": fp, "config": {"seed": 0},
+                                                       "meta": {"anchors": ["a", "b", "c"]}}))
+    r = subprocess.run([*args, "--cells", f"sft={cell}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and f"--cells sft={cell}: no LoRA adapter" in r.stderr, r.stderr
+    assert not (tmp_path / "o.json").exists()
+    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=120)  # no --cells, no --by-label
+    assert r.returncode != 0 and "give --cwac-cell and --cells" in r.stderr, r.stderr
+    r = subprocess.run([*args, "--by-label", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "o.json: missing" in r.stderr, r.stderr

@@ -7,7 +7,8 @@ Each batch folder (made by ``make_blind.py``, labelled by reading) holds ``blind
 ``key.csv`` (id → model) and ``labels.csv`` (id → outcome). Every model in the batches answered the same prompts,
 so two models are compared **paired by prompt**: the difference in HS (or refusal rate) is bootstrapped over
 prompts, resampling the same prompts for both models, which is tighter than comparing two independent intervals.
-A model named in two batches, or a prompt answered twice by one model, is an error.
+A model named in two batches, or a prompt answered twice by one model, is an error. With ``--kept MODEL`` (θ₀:
+``aligned``), a last table counts, of the prompts MODEL refused, how many each model still refuses.
 
 Models named ``NAME-sK`` (K a seed number) are runs of ``NAME`` with another seed: where a name has runs for two or
 more seeds (``NAME`` itself is seed 0), an "Across seeds" table gives the mean over seeds and the range, written `mean [min–max]`.
@@ -146,22 +147,41 @@ def seeds_table(models: dict[str, dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kept_table(models: dict[str, dict[str, str]], of: str) -> str:
+    """Of the prompts model ``of`` refused, how many each model refuses too (``k / n`` and %)."""
+    if of not in models:
+        raise SafeFTError(f"--kept {of!r} is not a labelled model; have: {', '.join(models)}")
+    refused = [p for p, o in models[of].items() if o == "refusal"]
+    if not refused:
+        raise SafeFTError(f"--kept {of!r}: it refused none of its prompts")
+    lines = [f"| model | refuses, of the {len(refused)} prompts {of} refused | % |", "|---|---|---|"]
+    for m, answers in models.items():
+        k = sum(answers.get(p) == "refusal" for p in refused)
+        n = sum(p in answers for p in refused)
+        lines.append(f"| {m} | {k} / {n} | {100 * k / n:.1f} |" if n else f"| {m} | – (other prompts) | – |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", nargs="+", type=Path, required=True, help="labelled batch folders")
     ap.add_argument("--reference", help="the model every other is compared with, paired by prompt")
     ap.add_argument("--order", nargs="*", default=[], help="row order (models not named follow)")
+    ap.add_argument("--kept", metavar="MODEL", help="also: of the prompts MODEL refused, how many each model refuses")
     ap.add_argument("--out", type=Path, help="write the markdown here too")
     a = ap.parse_args()
     try:
         models = collect(a.batches)
         md = table(models, a.reference, a.order)
         seeds = seeds_table(models)
+        kept = kept_table(models, a.kept) if a.kept else ""
     except SafeFTError as e:
         raise SystemExit(f"human_table: error: {e}") from None
     cmd = "python benchmarks/labels/human_table.py --batches " + " ".join(str(b) for b in a.batches)
     if a.reference:
         cmd += f" --reference {a.reference}"
+    if a.kept:
+        cmd += f" --kept {a.kept}"
     text = (
         f"# Human labels across batches\n\n`{cmd}`: HS = % `harmful`, refusal = % `refusal` by the labellers' reading "
         f"(SPEC §5); CIs: percentile bootstrap over prompts ({N_BOOT} resamples, seed {SEED}); paired columns: "
@@ -169,6 +189,8 @@ def main() -> None:
     )
     if seeds:
         text += f"\n## Across seeds\n\nMean over seeds and range, written `mean [min–max]`; seed 0 is the unsuffixed row above.\n\n{seeds}"
+    if kept:
+        text += f"\n## Refusals kept of {a.kept}'s\n\n{kept}"
     print(text)
     if a.out:
         from safeft.io import atomic_write_text
