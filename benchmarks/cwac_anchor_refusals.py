@@ -10,7 +10,10 @@ model keeps refusing its ``baseline`` anchors but not the test prompts, the cons
 fails to generalise; if it stops refusing even them, the constraint does not hold what makes θ₀ refuse.
 
 Reads the CWAC cell's ``run.json`` (θ₀ and its fingerprint, the seed) and the anchors artifact
-(``<cache>/artifacts/<fingerprint[:16]>/cwac-anchors``, or ``--anchors DIR``; its seed must be the cell's). Takes the
+(``<cache>/artifacts/<fingerprint[:16]>/cwac-anchors``, or ``--anchors DIR``; its θ₀, seed and anchor options must be
+the cell's). The folder holds whichever anchors were computed last for that θ₀: a preset with other evaluation
+prompts (``small-cwac-lam`` excludes the validation prompts) makes anchors this check cannot tell apart, so after
+such a run give ``--anchors`` the cell's own version from ``.versions/cwac-anchors/``. Takes the
 first ``--n`` anchors of each split (the same split the defense used), answers them greedily with θ₀ and with each
 cell's ``final`` adapter (chat template, ``--max-new-tokens`` as the anchor check), and judges the answers with the
 content judge. Writes ``<out>.json`` (every answer) and ``<out>.md`` (refusal % per model and split).
@@ -34,16 +37,30 @@ def _anchors(args, run: dict) -> tuple[list[str], dict[str, list[int]], int]:
     from safeft.defenses.cwac.anchors import split_anchors
     from safeft.models import cache_root
 
-    seed = int(run["config"]["data"]["seed"])
+    seed = int(run["config"]["training"]["seed"])  # CWAC's seed (ctx.seed): the anchors' key and their split
     d = Path(args.anchors) if args.anchors else cache_root() / "artifacts" / run["fingerprint"][:16] / "cwac-anchors"
     man = d / "manifest.json"
     if not man.is_file():
         raise SafeFTError(f"{man}: no anchors artifact; run the CWAC cell (or `safeft prepare`) first, or give --anchors")
-    m = json.loads(man.read_text(encoding="utf-8"))
-    if m.get("fingerprint") != run["fingerprint"] or int(m["config"]["seed"]) != seed:
-        raise SafeFTError(f"{man}: anchors of another θ₀ or seed (seed {m['config']['seed']}, cell seed {seed}); "
-                          f"give --anchors with the folder set aside under .versions/cwac-anchors/")
-    anchors = m["meta"]["anchors"]
+    try:
+        m = json.loads(man.read_text(encoding="utf-8"))
+        cfg, anchors = m["config"], m["meta"]["anchors"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise SafeFTError(f"{man}: not a cwac-anchors manifest; give --anchors a cwac-anchors folder") from None
+    if m.get("name", "cwac-anchors") != "cwac-anchors":
+        raise SafeFTError(f"{man}: a {m.get('name')!r} artifact, not cwac-anchors; give --anchors a cwac-anchors folder")
+    versions = f"give --anchors with the right one among {d.parent / '.versions' / 'cwac-anchors'}/*"
+    if m.get("fingerprint") != run["fingerprint"]:
+        raise SafeFTError(f"{man}: anchors of another θ₀ (fingerprint {str(m.get('fingerprint'))[:12]}, cell "
+                          f"{run['fingerprint'][:12]}); {versions}")
+    if int(cfg.get("seed", -1)) != seed:
+        raise SafeFTError(f"{man}: anchors of seed {cfg.get('seed')}, the cell's is {seed}; {versions}")
+    want = run.get("defense_config_resolved", {}).get("cwac", {})
+    pairs = {"n_anchor": "n_anchor", "sources": "anchor_sources", "judge": "anchor_judge",
+             "near_dup_threshold": "near_dup_threshold", "max_new_tokens_anchor_check": "max_new_tokens_anchor_check"}
+    for key, opt in pairs.items():
+        if opt in want and key in cfg and cfg[key] != want[opt]:
+            raise SafeFTError(f"{man}: anchors made with {key} {cfg[key]!r}, the cell's {opt} is {want[opt]!r}; {versions}")
     return anchors, split_anchors(len(anchors), seed), seed
 
 
@@ -70,12 +87,17 @@ def main() -> None:
 
 
 def run(args) -> None:
-    run_json = json.loads((Path(args.cwac_cell) / "run.json").read_text(encoding="utf-8"))
+    run_file = Path(args.cwac_cell) / "run.json"
+    if not run_file.is_file():
+        raise SafeFTError(f"--cwac-cell {args.cwac_cell}: no run.json there (has the cell finished?)")
+    run_json = json.loads(run_file.read_text(encoding="utf-8"))
     anchors, split, seed = _anchors(args, run_json)
     picked = {s: split[s][: args.n] for s in ("baseline", "causal")}
     cells = {} if args.no_aligned else {"θ₀": None}
     for c in args.cells:
-        name, _, d = c.partition("=")
+        name, eq, d = c.partition("=")
+        if not eq or not name:
+            raise SafeFTError(f"--cells {c}: give NAME=CELL_DIR")
         final = Path(d) / "final"
         if not (final / "adapter_config.json").is_file():
             raise SafeFTError(f"--cells {c}: no LoRA adapter in {final} (has the cell finished here?)")
@@ -129,11 +151,19 @@ def by_label(out_json: Path, labels_dir: Path) -> None:
             raise SafeFTError(f"{f}: missing (run the diagnostic first; label the prompts by {labels_dir}/INSTRUCTIONS.md)")
     res = json.loads(out_json.read_text(encoding="utf-8"))
     ids = {}
-    for line in (labels_dir / "prompts.jsonl").read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        ids[rec["prompt"]] = rec["id"]
-    with open(labels_dir / "labels.csv", encoding="utf-8", newline="") as f:
-        label = {r["id"]: r["label"] for r in csv.DictReader(f)}
+    for n, line in enumerate((labels_dir / "prompts.jsonl").read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            ids[rec["prompt"]] = rec["id"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SafeFTError(f"{labels_dir / 'prompts.jsonl'} line {n}: not a JSON record with id and prompt") from None
+    with open(labels_dir / "labels.csv", encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"id", "label"} <= set(reader.fieldnames or []):
+            raise SafeFTError(f"{labels_dir / 'labels.csv'}: the header must name id and label")
+        label = {r["id"]: (r["label"] or "").strip() for r in reader}
     kinds = ("harmful", "borderline", "benign")
     lines = [f"# Refusals on CWAC's anchors by what the prompt asks (`python benchmarks/cwac_anchor_refusals.py "
              f"--out {str(out_json)[:-5]} --by-label {labels_dir}`)", "",

@@ -261,7 +261,7 @@ def test_parts_are_made_then_joined_in_blind_order_with_checks(tmp_path):
     assert r.returncode != 0 and "labels_part1.csv: 1 of 2 answers of part1.jsonl unlabelled" in r.stderr
     write(1, parts[0] + parts[1][:1])  # an answer of the other part
     r = _run("join_parts.py", "--run", str(dest))
-    assert r.returncode != 0 and "is not in key.csv / blind.jsonl" in r.stderr
+    assert r.returncode != 0 and "belongs to another part, not part1.jsonl" in r.stderr
     write(1, parts[0], outcome=lambda x: "unsure")
     r = _run("join_parts.py", "--run", str(dest))
     assert r.returncode != 0 and "'unsure' is not refusal / harmful / other" in r.stderr
@@ -281,8 +281,8 @@ def test_cwac_anchor_refusals_refuses_anchors_of_another_seed_or_a_missing_adapt
     fp = "ab" * 32
     cell = tmp_path / "cwac"
     cell.mkdir()
-    (cell / "run.json").write_text(json.dumps({"config": {"data": {"seed": 0}}, "fingerprint": fp,
-                                               "aligned_model": "unused"}))
+    (cell / "run.json").write_text(json.dumps({"config": {"data": {"seed": 1}, "training": {"seed": 0}},
+                                               "fingerprint": fp, "aligned_model": "unused"}))  # CWAC's is training.seed
     anchors = tmp_path / "cwac-anchors"
     anchors.mkdir()
     (anchors / "manifest.json").write_text(json.dumps({"fingerprint": fp, "config": {"seed": 1},
@@ -290,11 +290,13 @@ def test_cwac_anchor_refusals_refuses_anchors_of_another_seed_or_a_missing_adapt
     script = str(ROOT / "benchmarks" / "cwac_anchor_refusals.py")
     args = [sys.executable, script, "--cwac-cell", str(cell), "--anchors", str(anchors), "--out", str(tmp_path / "o")]
     r = subprocess.run([*args, "--cells", f"sft={cell}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode != 0 and "anchors of another θ₀ or seed (seed 1, cell seed 0)" in r.stderr, r.stderr
+    assert r.returncode != 0 and "anchors of seed 1, the cell's is 0" in r.stderr, r.stderr
     (anchors / "manifest.json").write_text(json.dumps({"fingerprint": fp, "config": {"seed": 0},
                                                        "meta": {"anchors": ["a", "b", "c"]}}))
     r = subprocess.run([*args, "--cells", f"sft={cell}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode != 0 and f"--cells sft={cell}: no LoRA adapter" in r.stderr, r.stderr
+    r = subprocess.run([*args, "--cells", str(cell)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "give NAME=CELL_DIR" in r.stderr, r.stderr
     assert not (tmp_path / "o.json").exists()
     r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=120)  # no --cells, no --by-label
     assert r.returncode != 0 and "give --cwac-cell and --cells" in r.stderr, r.stderr

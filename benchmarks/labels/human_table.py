@@ -147,7 +147,7 @@ def seeds_table(models: dict[str, dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def kept_table(models: dict[str, dict[str, str]], of: str) -> str:
+def kept_table(models: dict[str, dict[str, str]], of: str, order: list[str] | None = None) -> str:
     """Of the prompts model ``of`` refused, how many each model refuses too (``k / n`` and %)."""
     if of not in models:
         raise SafeFTError(f"--kept {of!r} is not a labelled model; have: {', '.join(models)}")
@@ -155,7 +155,9 @@ def kept_table(models: dict[str, dict[str, str]], of: str) -> str:
     if not refused:
         raise SafeFTError(f"--kept {of!r}: it refused none of its prompts")
     lines = [f"| model | refuses, of the {len(refused)} prompts {of} refused | % |", "|---|---|---|"]
-    for m, answers in models.items():
+    names = [m for m in (order or []) if m in models] + [m for m in models if m not in (order or [])]
+    for m in names:
+        answers = models[m]
         k = sum(answers.get(p) == "refusal" for p in refused)
         n = sum(p in answers for p in refused)
         lines.append(f"| {m} | {k} / {n} | {100 * k / n:.1f} |" if n else f"| {m} | – (other prompts) | – |")
@@ -174,7 +176,7 @@ def main() -> None:
         models = collect(a.batches)
         md = table(models, a.reference, a.order)
         seeds = seeds_table(models)
-        kept = kept_table(models, a.kept) if a.kept else ""
+        kept = kept_table(models, a.kept, a.order) if a.kept else ""
     except SafeFTError as e:
         raise SystemExit(f"human_table: error: {e}") from None
     cmd = "python benchmarks/labels/human_table.py --batches " + " ".join(str(b) for b in a.batches)

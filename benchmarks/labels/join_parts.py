@@ -44,7 +44,11 @@ def join(run: Path) -> Path:
         lab_file = run / f"labels_{part.stem}.csv"
         if not lab_file.is_file():
             raise SafeFTError(f"{lab_file}: missing; the labeller of {part.name} writes it")
-        got = read_labels(lab_file, set(ids))
+        got = read_labels(lab_file, set(blind))
+        elsewhere = [i for i in got if i not in ids]
+        if elsewhere:
+            raise SafeFTError(f"{lab_file}: id {elsewhere[0]!r} belongs to another part, not {part.name}; "
+                              "move its row to that part's label file")
         if len(got) < len(ids):
             first = next(i for i in ids if i not in got)
             raise SafeFTError(f"{lab_file}: {len(ids) - len(got)} of {len(ids)} answers of {part.name} unlabelled "

@@ -44,13 +44,13 @@ def main() -> None:
     ap.add_argument("--harmful-only", action="store_true", help="only the answers to harmful prompts")
     ap.add_argument("--second", type=int, default=0, metavar="N",
                     help="also write blind_second.jsonl: a random N of the answers (seed 1) for a second labeller")
-    ap.add_argument("--parts", type=int, default=1, metavar="N",
+    ap.add_argument("--parts", type=int, metavar="N",
                     help="also cut blind.jsonl into part1.jsonl … partN.jsonl, one per labeller (N ≥ 2)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     src, dest = Path(args.src), Path(args.dest)
-    if args.parts < 1:
-        raise SystemExit(f"--parts {args.parts}: give a count ≥ 1")
+    if args.parts is not None and args.parts < 2:
+        raise SystemExit(f"--parts {args.parts}: give a count ≥ 2 (one part per labeller)")
     if args.cells:
         bad = [c for c in args.cells if "=" not in c]
         if bad:
@@ -83,7 +83,9 @@ def main() -> None:
     random.Random(args.seed).shuffle(items)
     lines = [json.dumps(it, ensure_ascii=False) for it in items]
     atomic_write_text(dest / "blind.jsonl", "".join(x + "\n" for x in lines))
-    if args.parts > 1:
+    if args.parts:
+        if args.parts > len(lines):
+            raise SystemExit(f"--parts {args.parts}: more parts than the {len(lines)} answers")
         bounds = [round(k * len(lines) / args.parts) for k in range(args.parts + 1)]
         for k in range(args.parts):
             atomic_write_text(dest / f"part{k + 1}.jsonl", "".join(x + "\n" for x in lines[bounds[k]:bounds[k + 1]]))
