@@ -55,6 +55,11 @@ def read_labels(path: Path, ids: set[str] | None = None) -> dict[str, str]:
     return out
 
 
+def read_notes(path: Path) -> dict[str, str]:
+    """``{id: note}`` of a labels file (an empty note where the file has no ``note`` column)."""
+    return {r["id"]: (r.get("note") or "").strip() for _, r in _rows(path, ("id",))}
+
+
 def _text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is not part of the header

@@ -81,8 +81,13 @@ def paired(a: dict[str, str], b: dict[str, str], outcome: str) -> tuple[float, f
                              empty="no prompt answered by both models: they are from different prompt sets")
 
 
+def ordered(models: dict[str, dict[str, str]], order: list[str] | None) -> list[str]:
+    """Model names: those in ``order`` first (in that order), then the rest in batch order."""
+    return [m for m in (order or []) if m in models] + [m for m in models if m not in (order or [])]
+
+
 def table(models: dict[str, dict[str, str]], reference: str | None, order: list[str] | None = None) -> str:
-    names = [m for m in (order or []) if m in models] + [m for m in models if m not in (order or [])]
+    names = ordered(models, order)
     if reference is not None and reference not in models:
         raise SafeFTError(f"--reference {reference!r} is not a labelled model; have: {', '.join(names)}")
     ref = f" − {reference}" if reference else ""
@@ -155,8 +160,7 @@ def kept_table(models: dict[str, dict[str, str]], of: str, order: list[str] | No
     if not refused:
         raise SafeFTError(f"--kept {of!r}: it refused none of its prompts")
     lines = [f"| model | refuses, of the {len(refused)} prompts {of} refused | % |", "|---|---|---|"]
-    names = [m for m in (order or []) if m in models] + [m for m in models if m not in (order or [])]
-    for m in names:
+    for m in ordered(models, order):
         answers = models[m]
         k = sum(answers.get(p) == "refusal" for p in refused)
         n = sum(p in answers for p in refused)

@@ -18,14 +18,9 @@ import re
 import sys
 from pathlib import Path
 
-from blindset import read_blind, read_labels  # this folder's module (run as a script)
+from blindset import read_blind, read_labels, read_notes  # this folder's module (run as a script)
 
 from safeft.errors import SafeFTError
-
-
-def _notes(path: Path) -> dict[str, str]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return {r["id"]: (r.get("note") or "").strip() for r in csv.DictReader(f)}
 
 
 def join(run: Path) -> Path:
@@ -57,7 +52,7 @@ def join(run: Path) -> Path:
         if dup:
             raise SafeFTError(f"{part}: id {sorted(dup)[0]!r} is also in an earlier part; remake the parts")
         labels.update(got)
-        notes.update(_notes(lab_file))
+        notes.update(read_notes(lab_file))
     if set(labels) != set(blind):
         stray = sorted(set(labels) ^ set(blind))[0]
         raise SafeFTError(f"{run}: the parts do not cover blind.jsonl exactly (id {stray!r}); remake the parts")
