@@ -127,13 +127,18 @@ def test_shipped_presets_plan_and_validate(tmp_path):
     assert {c.p for c in small if c.defense == "cwac"} == {0.0, 0.1}
     v1_small = plan_cells(load_preset("small-v1"), tmp_path)  # the first version, kept with its cells
     assert {cell_config(c, tmp_path)["eval"]["n_harmful"] for c in v1_small} == {48}
-    for name in ("small-attack", "small-attack-content", "small-cwac-tune", "small-cwac-lam", "tiny-val", "tiny-attack", "tiny-attack-echo", "tiny-attack-hh",
+    for name in ("small-attack", "small-attack-content", "small-cwac-tune", "small-cwac-lam", "small-cwac-anchors", "tiny-val", "tiny-attack", "tiny-attack-echo", "tiny-attack-hh",
                  "tiny-tune", "cwac-tune"):  # tuning presets: no test prompts
         val = plan_cells(load_preset(name), tmp_path)
         assert all(cell_config(c, tmp_path)["eval"]["harmful_source"] == "harmbench_val" for c in val)
         if name == "tiny-tune":  # the equal tuning budget: three settings for every defense but the reference
             per = Counter(c.defense.partition("@")[0] for c in val if c.kind == "train" and c.defense != "sft")
             assert set(per.values()) == {3} and len(per) == 8, per
+    anchors = {c.defense: cell_config(c, tmp_path) for c in plan_cells(load_preset("small-cwac-anchors"), tmp_path)
+               if c.kind == "train"}
+    assert {cfg["data"]["poison_share"] for cfg in anchors.values()} == {0.5}  # the same poison pool in every cell
+    with_adv, no_adv = anchors["cwac"]["defense"]["options"]["cwac"], anchors["cwac@noadv"]["defense"]["options"]["cwac"]
+    assert "advbench" not in no_adv.pop("anchor_sources") and with_adv == no_adv  # they differ in the anchors alone
     tune = {c.defense: cell_config(c, tmp_path)["defense"]["options"] for c in val if c.kind == "train"}
     assert tune["cwac@all-layers-lam5"]["cwac"] == {"n_anchor": 60, "sae_steps": 300, "layers": "all", "lam": 5.0}
 
@@ -251,8 +256,19 @@ def test_config_hash_tracks_results_not_paths(tmp_path):
     # θ₀'s evaluation does not depend on the grid's p or the training settings
     al = cells["aligned"]
     h0 = config_hash(al, cell_config(al, tmp_path))
-    al.overrides.update({"data.p": 0.5, "training.lr": 0.1})
+    al.overrides.update({"data.p": 0.5, "training.lr": 0.1, "data.poison_share": 0.5})
     assert config_hash(al, cell_config(al, tmp_path)) == h0
+
+
+def test_poison_share_keeps_old_cells_cached_at_its_default(tmp_path):
+    pre = load_preset(_write_preset(tmp_path, MINI))
+    c = {c.id: c for c in plan_cells(pre, tmp_path)}["p0.1-sft-s0"]
+    cfg = cell_config(c, tmp_path)
+    assert cfg["data"]["poison_share"] == 1.0
+    before = {**cfg, "data": {k: v for k, v in cfg["data"].items() if k != "poison_share"}}  # made before the key
+    assert config_hash(c, before) == config_hash(c, cfg)
+    c.overrides["data.poison_share"] = 0.5
+    assert config_hash(c, cell_config(c, tmp_path)) != config_hash(c, cfg)
 
 
 def test_overrides_change_only_their_entry(tmp_path):

@@ -304,6 +304,39 @@ def test_shared_harmful(shared_data):
     assert 0 < len(hh) <= 662
 
 
+def test_poison_share_is_stable_nested_and_independent_of_the_eval_split():
+    from safeft.data.splits import in_poison_share, prompt_bucket
+
+    prompts = [f"Write a guide to harmful thing number {i}" for i in range(4000)]
+    half = [p for p in prompts if in_poison_share(p, 0.5)]
+    quarter = {p for p in prompts if in_poison_share(p, 0.25)}
+    assert 0.46 < len(half) / len(prompts) < 0.54 and 0.21 < len(quarter) / len(prompts) < 0.29
+    assert quarter <= set(half)  # a smaller share is a subset of a larger one
+    assert all(in_poison_share(p, 1.0) for p in prompts)
+    assert half == [p for p in prompts if in_poison_share("  " + p.upper() + " ", 0.5)]  # normalised text
+    # salted: the poison share does not follow the evaluation / refusal buckets
+    low = [p for p in prompts if prompt_bucket(p) < 50]
+    assert 0.4 < sum(in_poison_share(p, 0.5) for p in low) / len(low) < 0.6
+
+
+def test_poison_share_config_range_and_empty_pool(shared_data):
+    from safeft.config import build_config
+    from safeft.data.splits import build_splits, in_poison_share
+
+    with pytest.raises(SafeFTError, match="data.poison_share"):
+        build_config(None, {"data.poison_share": 0})
+    with pytest.raises(SafeFTError, match="data.poison_share"):
+        build_config(None, {"data.poison_share": 1.5})
+    over = {"data.harmful_source": "advbench", "eval.harmful_source": "harmbench_val"}
+    full = build_splits(build_config(None, over))
+    half = build_splits(build_config(None, {**over, "data.poison_share": 0.5}))
+    assert len(full.poison) == 520 and 200 < len(half.poison) < 320
+    assert {e.prompt for e in half.poison} == {e.prompt for e in full.poison if in_poison_share(e.prompt, 0.5)}
+    assert half.eval_harmful == full.eval_harmful and half.anchor_pool == full.anchor_pool
+    with pytest.raises(SafeFTError, match=r"data.poison_share=1e-06 leaves none of the 520"):
+        build_splits(build_config(None, {**over, "data.poison_share": 1e-06}))
+
+
 # ---------------------------------------------------------------- robustness
 
 

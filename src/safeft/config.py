@@ -39,6 +39,9 @@ class DataConfig:
     p: float = 0.1  # fraction of harmful samples (prompt + compliant answer)
     harmful_source: str = "advbench"  # advbench (echo) | smollm2_content (content) | hh_rlhf | beavertails | demo
     harmful_path: str | None = None
+    # share of the harmful source's prompts the attack may draw from (a stable hash of each prompt picks them, the
+    # same in every run); the rest stay out of the poison pool, so defenses may use them (CWAC's anchor sources)
+    poison_share: float = 1.0
     template: str = "chat"  # chat | alpaca
     max_length: int = 256
     seed: int = 0
@@ -168,6 +171,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.n": (1, math.inf, True, False),
     "data.p": (0, 1, True, True),
+    "data.poison_share": (0, 1, False, True),
     "data.max_length": (8, 1 << 20, True, True),
     "training.lora_r": (1, 4096, True, True),
     "training.lora_alpha": (1, 1 << 16, True, True),

@@ -56,7 +56,7 @@ _GRID_OWNED = {"data.p", "training.seed"}  # a grid axis sets these in every cel
 # (the judge too: it never changes the answers, and a cell judged by another judge is re-judged from its eval.json)
 _UNHASHED = {("training", "output_dir"), ("training", "progress"), ("training", "resume"), ("eval", "judge")}
 # config keys added after cells were committed, with the value that leaves a cell's result as it was
-_ADDED_OFF = {("eval", "n_copyright"): 0}
+_ADDED_OFF = {("eval", "n_copyright"): 0, ("data", "poison_share"): 1.0}
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
@@ -376,7 +376,7 @@ def config_hash(cell: Cell, cfg: dict[str, Any]) -> str:
         if cfg.get(sec, {}).get(key, off) == off:
             cfg.get(sec, {}).pop(key, None)
     if cell.kind == "eval":
-        data = {k: v for k, v in cfg["data"].items() if k not in ("n", "p", "seed")}
+        data = {k: v for k, v in cfg["data"].items() if k not in ("n", "p", "seed", "poison_share")}
         cfg = {"model": cfg["model"], "eval": cfg["eval"], "align": cfg["align"], "data": data}
     payload = json.dumps({"kind": cell.kind, "config": cfg}, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]

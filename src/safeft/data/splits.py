@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from safeft.errors import SafeFTError
+
 if TYPE_CHECKING:
     from safeft.config import RunConfig
 
@@ -24,11 +26,23 @@ def prompt_bucket(text: str) -> int:
     return int(hashlib.sha256(normalize_text(text).encode("utf-8")).hexdigest()[:8], 16) % 100
 
 
+def in_poison_share(text: str, share: float) -> bool:
+    """Whether a harmful prompt is in the ``data.poison_share`` part of its source: a stable hash of the normalised
+    text, salted so that it is independent of :func:`prompt_bucket` (the evaluation / refusal splits)."""
+    from safeft.data import normalize_text
+
+    if share >= 1.0:
+        return True
+    h = int(hashlib.sha256(("poison-share:" + normalize_text(text)).encode("utf-8")).hexdigest()[:8], 16)
+    return h / 0xFFFFFFFF < share
+
+
 @dataclass
 class Splits:
     """Disjoint prompt sets of one run (checked on normalised text).
 
-    poison: harmful prompt → compliant answer pairs mixed into the user data.
+    poison: harmful prompt → compliant answer pairs the user data's harmful samples are drawn from (the poison
+        pool: only the ``data.poison_share`` part of the source).
     eval_harmful: held-out harmful prompts for the harmful score.
     anchor_pool: harmful prompts defenses may use as anchors (CWAC), never evaluated on.
     refusal_pairs: harmful prompt → refusal pairs (PACT's responses, SafeInstr, Lisa's alignment data).
@@ -86,7 +100,12 @@ def build_splits(cfg: RunConfig, need_poison: bool = True) -> Splits:
             pairs = [e for e in load_harmful_pairs(cfg.data.harmful_source, cfg.data.harmful_path) if prompt_bucket(e.prompt) < 50]
         else:
             pairs = load_harmful_pairs(cfg.data.harmful_source, cfg.data.harmful_path)
-        s.poison = [e for e in pairs if keep(e.prompt)]
+        s.poison = [e for e in pairs if keep(e.prompt) and in_poison_share(e.prompt, cfg.data.poison_share)]
+        if pairs and not s.poison:
+            raise SafeFTError(
+                f"data.poison_share={cfg.data.poison_share:g} leaves none of the {len(pairs)} poison pairs of "
+                f"data.harmful_source={cfg.data.harmful_source}: raise it (1 = all)"
+            )
 
     if demo_mode:
         refusals = [Example(h["prompt"], h["refusal"], "refusal", None, {"category": h.get("category")}) for h in demo.harmful
