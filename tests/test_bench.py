@@ -138,7 +138,7 @@ def test_shipped_presets_plan_and_validate(tmp_path):
                if c.kind == "train"}
     assert {cfg["data"]["poison_share"] for cfg in anchors.values()} == {0.5}  # the same poison pool in every cell
     with_adv, no_adv = anchors["cwac"]["defense"]["options"]["cwac"], anchors["cwac@noadv"]["defense"]["options"]["cwac"]
-    assert "advbench" not in no_adv.pop("anchor_sources") and with_adv == no_adv  # they differ in the anchors alone
+    assert "advbench" not in no_adv.pop("anchor_sources") and with_adv == no_adv  # they differ in the anchor sources alone
     tune = {c.defense: cell_config(c, tmp_path)["defense"]["options"] for c in val if c.kind == "train"}
     assert tune["cwac@all-layers-lam5"]["cwac"] == {"n_anchor": 60, "sae_steps": 300, "layers": "all", "lam": 5.0}
 

@@ -393,22 +393,27 @@ def test_anchor_sources_interleaved_and_shared_data(shared_data):
         A.load_sources(["nope"], [], lambda *_: None)
 
 
-def test_poison_share_leaves_the_attack_sources_other_prompts_to_the_anchors(shared_data):
-    """With the whole of AdvBench as the poison pool, CWAC's `advbench` source gives no candidate; with
-    data.poison_share 0.5 the other half does, none of them equal to or a near-duplicate of a poison prompt."""
+def test_poison_share_leaves_the_attack_sources_other_prompts_to_the_anchors(shared_data, tiny_tokenizer, tmp_path):
+    """Through the run's own context (safeft.pipeline.build_context): with the whole of AdvBench as the poison pool,
+    CWAC's `advbench` source gives no candidate; with data.poison_share 0.5 the other half does, none of them equal
+    to or a near-duplicate of a poison prompt."""
     from safeft.config import build_config
     from safeft.data.splits import build_splits
+    from safeft.defenses.cwac.config import DEFAULT_ANCHOR_SOURCES
+    from safeft.pipeline import build_context
 
+    assert "advbench" in DEFAULT_ANCHOR_SOURCES  # small-cwac-anchors relies on it
     over = {"data.harmful_source": "advbench", "eval.harmful_source": "harmbench_val"}
     for share, some in ((1.0, False), (0.5, True)):
-        sp = build_splits(build_config(None, {**over, "data.poison_share": share}))
-        poison = [e.prompt for e in sp.poison]
-        by = A.load_sources(["advbench"], sp.anchor_pool, lambda *_: None)
-        cands, _ = A.build_candidates(by, sp.eval_harmful + poison, 0.5, seed=0)
+        cfg = build_config(None, {**over, "data.poison_share": share})
+        sp = build_splits(cfg)
+        ctx = build_context(cfg, tiny_model(), tiny_tokenizer, sp, tmp_path, None, "f" * 64)
+        assert ctx.poison_prompts == [e.prompt for e in sp.poison]
+        cands, _ = make(CWACConfig(**{**FAST, "anchor_sources": ["advbench"]}))._candidates(ctx)
         assert bool(cands) is some
         if some:
             assert len(cands) > 150
-            assert not any(A.near_duplicate_of([p for _, p in cands], poison, 0.5))
+            assert not any(A.near_duplicate_of([p for _, p in cands], ctx.poison_prompts, 0.5))
 
 
 def test_anchor_judge_content_fallback_and_outcomes(tiny_tokenizer, tmp_path, monkeypatch):

@@ -332,9 +332,15 @@ def test_poison_share_config_range_and_empty_pool(shared_data):
     half = build_splits(build_config(None, {**over, "data.poison_share": 0.5}))
     assert len(full.poison) == 520 and 200 < len(half.poison) < 320
     assert {e.prompt for e in half.poison} == {e.prompt for e in full.poison if in_poison_share(e.prompt, 0.5)}
-    assert half.eval_harmful == full.eval_harmful and half.anchor_pool == full.anchor_pool
+    assert half.eval_harmful == full.eval_harmful
     with pytest.raises(SafeFTError, match=r"data.poison_share=1e-06 leaves none of the 520"):
         build_splits(build_config(None, {**over, "data.poison_share": 1e-06}))
+    # the user data's harmful rows come from the share only
+    from safeft.pipeline import build_task_data
+
+    cfg = build_config(None, {**over, "data.poison_share": 0.5, "data.n": 240, "data.p": 0.1})
+    harmful = [e.prompt for e in build_task_data(cfg, build_splits(cfg)) if e.kind == "harmful"]
+    assert len(harmful) == 24 and all(in_poison_share(p, 0.5) for p in harmful)
 
 
 # ---------------------------------------------------------------- robustness

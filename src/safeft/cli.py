@@ -51,11 +51,11 @@ ALIASES: dict[str, str] = {
 # exactly these; --config and --set still take any key, so one run.yaml serves every command. prepare / train / eval
 # also list the align section: a model given as aligned:<model> runs the alignment stage (which further reads
 # training.lora_targets / training.progress: set those in the config file or with --set). Prompt splits
-# (safeft.pipeline.build_splits) read the task, both harmful sources and the eval prompt file.
+# (safeft.pipeline.build_splits) read the task, both harmful sources, the poison share and the eval prompt file.
 _SPLITS = ("data.task", "data.harmful_source", "eval.harmful_source", "eval.harmful_path")
 COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "align": ("model", "align", *_SPLITS, "data.template", "training.lora_targets", "training.progress"),
-    "prepare": ("model", "defense", "align", "artifacts_dir", *_SPLITS, "data.harmful_path", "data.template",
+    "prepare": ("model", "defense", "align", "artifacts_dir", *_SPLITS, "data.harmful_path", "data.poison_share", "data.template",
                 "data.max_length", "training.method", "training.lora_r", "training.lora_alpha",
                 "training.lora_targets", "training.seed"),
     "train": ("model", "data", "training", "defense", "eval", "align", "monitor", "artifacts_dir"),

@@ -202,6 +202,8 @@ def _sources(settings: dict[str, Any]) -> list[str]:
             f"task data: `{data.get('task')}`" + (f" from `{data['task_path']}`" if data.get("task_path") else "")
             + f", n = {data.get('n')}, poisoned fraction p = {data.get('p')} from `{data.get('harmful_source')}`"
             + (f" (`{data['harmful_path']}`)" if data.get("harmful_path") else "")
+            + (f", a stable-hash share {data['poison_share']:g} of its prompts"
+               if float(data.get("poison_share", 1.0)) < 1 else "")
             + "; the anchors are kept disjoint from these poison prompts"
         )  # fmt: skip
     if ev:

@@ -276,7 +276,9 @@ def render_markdown(preset: Preset, rows: list[dict[str, Any]], meta: dict[str, 
         )
         + f", batch {b.get('training.batch_size', 8)}",
         f"- **data**: task `{b.get('data.task', 'sst2')}`, n = {b.get('data.n', 1000)} samples, p ∈ {{{', '.join(f'{p:g}' for p in preset.p)}}} "
-        f"of them harmful pairs from `{b.get('data.harmful_source', 'advbench')}`",
+        f"of them harmful pairs from `{b.get('data.harmful_source', 'advbench')}`"
+        + (f" (a stable-hash share {b['data.poison_share']:g} of its prompts; the rest is left to the defenses)"
+           if float(b.get("data.poison_share", 1.0)) < 1 else ""),
         f"- **evaluation**: HS on {'/'.join(map(str, n_h)) or '?'} held-out `{b.get('eval.harmful_source', 'harmbench')}` prompts "
         f"(greedy, {b.get('eval.max_new_tokens', 128)} new tokens); FA on {'/'.join(map(str, n_t)) or '?'} held-out task examples; "
         f"over-refusal on {b.get('eval.n_xstest', 0)} XSTest safe prompts",

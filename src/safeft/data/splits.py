@@ -100,10 +100,11 @@ def build_splits(cfg: RunConfig, need_poison: bool = True) -> Splits:
             pairs = [e for e in load_harmful_pairs(cfg.data.harmful_source, cfg.data.harmful_path) if prompt_bucket(e.prompt) < 50]
         else:
             pairs = load_harmful_pairs(cfg.data.harmful_source, cfg.data.harmful_path)
-        s.poison = [e for e in pairs if keep(e.prompt) and in_poison_share(e.prompt, cfg.data.poison_share)]
-        if pairs and not s.poison:
+        kept = [e for e in pairs if keep(e.prompt)]
+        s.poison = [e for e in kept if in_poison_share(e.prompt, cfg.data.poison_share)]
+        if kept and not s.poison:
             raise SafeFTError(
-                f"data.poison_share={cfg.data.poison_share:g} leaves none of the {len(pairs)} poison pairs of "
+                f"data.poison_share={cfg.data.poison_share:g} leaves none of the {len(kept)} poison pairs of "
                 f"data.harmful_source={cfg.data.harmful_source}: raise it (1 = all)"
             )
 
