@@ -21,6 +21,10 @@ content judge. Writes ``<out>.json`` (every answer) and ``<out>.md`` (refusal % 
 ``--by-label DIR`` (no model runs) reads ``<out>.json`` and ``DIR/prompts.jsonl`` + ``DIR/labels.csv`` (each anchor
 prompt labelled harmful / benign / borderline by reading, without answers: ``DIR/INSTRUCTIONS.md``) and writes
 ``<out>_by_label.md``: each model's refusal rate on the anchors of each label.
+
+``--by-source`` (no model runs) reads ``<out>.json`` and writes ``<out>_by_source.md``: each model's refusal rate on
+the anchors that are AdvBench prompts (normalised text) and on the others, per split — whether anchors phrased like
+the echo attack's requests hold better than the rest.
 """
 
 from __future__ import annotations
@@ -74,10 +78,14 @@ def main() -> None:
     ap.add_argument("--no-aligned", action="store_true", help="skip θ₀ (it refuses every anchor by construction)")
     ap.add_argument("--out", required=True, help="output path without extension")
     ap.add_argument("--by-label", metavar="DIR", help="only tabulate <out>.json by the prompt labels in DIR")
+    ap.add_argument("--by-source", action="store_true", help="only tabulate <out>.json: AdvBench anchors vs the rest")
     args = ap.parse_args()
     try:
         if args.by_label:
             by_label(Path(args.out + ".json"), Path(args.by_label))
+            return
+        if args.by_source:
+            by_source(Path(args.out + ".json"))
             return
         if not (args.cwac_cell and args.cells):
             raise SafeFTError("give --cwac-cell and --cells (or --by-label DIR to tabulate an earlier run)")
@@ -185,6 +193,31 @@ def by_label(out_json: Path, labels_dir: Path) -> None:
         lines.append(f"| {name} | " + " | ".join(f"{a} / {n} ({100 * a / n:.0f}%)" if n else "–" for a, n in tally.values())
                      + " |")
     atomic_write_text(out_json.with_name(out_json.stem + "_by_label.md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def by_source(out_json: Path) -> None:
+    from safeft.data import load_harmful_prompts, normalize_text
+    from safeft.io import atomic_write_text
+
+    if not out_json.is_file():
+        raise SafeFTError(f"{out_json}: missing (run the diagnostic first)")
+    res = json.loads(out_json.read_text(encoding="utf-8"))
+    adv = {normalize_text(p) for p in load_harmful_prompts("advbench")}
+    groups = (("AdvBench", True), ("other sources", False))
+    lines = [f"# Refusals on CWAC's anchors by source (`python benchmarks/cwac_anchor_refusals.py --out "
+             f"{str(out_json)[:-5]} --by-source`)", "",
+             f"Anchors of `{out_json.name}`; AdvBench = the prompt's normalised text is an AdvBench prompt.", "",
+             "| model | split | " + " | ".join(f"refuses {g} anchors" for g, _ in groups) + " |", "|---|---|---|---|"]
+    for name, splits in res["models"].items():
+        for split, rec in splits.items():
+            cells = []
+            for _, want in groups:
+                rs = [r for r in rec["records"] if (normalize_text(r["prompt"]) in adv) == want]
+                k = sum(r["outcome"] == "refusal" for r in rs)
+                cells.append(f"{k} / {len(rs)} ({100 * k / len(rs):.0f}%)" if rs else "–")
+            lines.append(f"| {name} | {split} | " + " | ".join(cells) + " |")
+    atomic_write_text(out_json.with_name(out_json.stem + "_by_source.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
