@@ -400,3 +400,18 @@ def test_cwac_anchor_refusals_by_source_splits_advbench_anchors(tmp_path, shared
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cwac_anchor_refusals.py"), "--out",
                         str(tmp_path / "absent"), "--by-source"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode != 0 and "absent.json: missing" in r.stderr
+
+
+def test_cwac_latent_route_names_what_is_missing(tmp_path):
+    script = str(ROOT / "benchmarks" / "cwac_latent_route.py")
+    cell = tmp_path / "cell"
+    (cell / "final").mkdir(parents=True)
+    r = subprocess.run([sys.executable, script, "--cell", str(cell), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "no config.yaml there" in r.stderr, r.stderr
+    for f in ("config.yaml", "run.json", "final/adapter_config.json"):
+        (cell / f).write_text("{}")
+    r = subprocess.run([sys.executable, script, "--cell", str(cell), "--adapter", str(tmp_path), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "no LoRA adapter there" in r.stderr, r.stderr
+    assert not (tmp_path / "o.md").exists()
