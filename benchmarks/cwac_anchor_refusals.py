@@ -202,18 +202,22 @@ def by_source(out_json: Path) -> None:
 
     if not out_json.is_file():
         raise SafeFTError(f"{out_json}: missing (run the diagnostic first)")
-    res = json.loads(out_json.read_text(encoding="utf-8"))
+    try:
+        res = json.loads(out_json.read_text(encoding="utf-8"))
+        models = {n: {sp: list(r["records"]) for sp, r in splits.items()} for n, splits in res["models"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise SafeFTError(f"{out_json}: not this diagnostic's output (models → split → records); rerun it") from None
     adv = {normalize_text(p) for p in load_harmful_prompts("advbench")}
     groups = (("AdvBench", True), ("other sources", False))
     lines = [f"# Refusals on CWAC's anchors by source (`python benchmarks/cwac_anchor_refusals.py --out "
              f"{str(out_json)[:-5]} --by-source`)", "",
              f"Anchors of `{out_json.name}`; AdvBench = the prompt's normalised text is an AdvBench prompt.", "",
              "| model | split | " + " | ".join(f"refuses {g} anchors" for g, _ in groups) + " |", "|---|---|---|---|"]
-    for name, splits in res["models"].items():
-        for split, rec in splits.items():
+    for name, splits in models.items():
+        for split, records in splits.items():
             cells = []
             for _, want in groups:
-                rs = [r for r in rec["records"] if (normalize_text(r["prompt"]) in adv) == want]
+                rs = [r for r in records if (normalize_text(r["prompt"]) in adv) == want]
                 k = sum(r["outcome"] == "refusal" for r in rs)
                 cells.append(f"{k} / {len(rs)} ({100 * k / len(rs):.0f}%)" if rs else "–")
             lines.append(f"| {name} | {split} | " + " | ".join(cells) + " |")

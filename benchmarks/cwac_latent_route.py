@@ -8,10 +8,14 @@ CWAC's activation loss holds the safety latents S (per SAE layer) of its baselin
 training used; nothing is computed: a missing artifact stops it) and its trained adapter, runs both models on every
 baseline anchor, and reports per SAE layer, separately for the anchors that are AdvBench prompts and the others:
 
-- ``latent drift``: (1/n) Σ_b ‖z_S,b − z_S,b^base‖² / mean ‖z^base‖² — the quantity the loss holds down (0 at θ₀);
-- ``residual drift``: mean_b ‖h_b − h_b⁰‖ / ‖h_b⁰‖ over those positions — how far the whole residual stream moved;
+- ``latent change``: √((1/n) Σ_b ‖z_S,b − z_S,b^base‖² / mean ‖z^base‖²) — the root of what the loss holds down
+  (0 at θ₀), a relative change like the next one;
+- ``residual change``: mean_b ‖h_b − h_b⁰‖ / ‖h_b⁰‖ over those positions — how far the whole residual stream moved;
 - ``in span(S)``: mean_b ‖P Δh_b‖ / ‖Δh_b‖ with P the projection onto the span of S's encoder directions (the
-  directions the held latents read) — how much of that move the held latents could see at all.
+  directions the held latents read) — how much of that move the held latents could see — beside the same share for
+  as many randomly drawn other latents of the same SAE (the control: the residual stream is not isotropic).
+
+The adapter is measured as trained: CWAC's ``prepare`` projects LoRA A, so the weights are restored after it.
 
 ``--adapter DIR`` measures another cell's adapter (e.g. SFT's ``final/``, same θ₀) against the same artifacts.
 Writes ``<out>.json`` and ``<out>.md``.
@@ -58,29 +62,39 @@ def run(cell: Path, out: Path, adapter: Path | None = None) -> None:
     from safeft.pipeline import build_context, build_splits, resolve
 
     cfg = build_config(cell / "config.yaml")
-    (d,) = [x for x in build_defenses(cfg.defense.name, cfg.defense.options) if x.name == "cwac"] or [None]
-    if d is None:
+    found = [x for x in build_defenses(cfg.defense.name, cfg.defense.options) if x.name == "cwac"]
+    if len(found) != 1:
         raise SafeFTError(f"--cell {cell}: not a CWAC cell (defense {cfg.defense.name})")
+    d = found[0]
     run_json = json.loads((cell / "run.json").read_text(encoding="utf-8"))
     aligned = resolve(cfg, cfg.model.aligned)
     fp = fingerprint(aligned)
     if fp != run_json.get("fingerprint"):
-        raise SafeFTError(f"--cell {cell}: this machine's θ₀ ({fp[:12]}) is not the cell's ({run_json.get('fingerprint', '')[:12]})")
+        raise SafeFTError(f"--cell {cell}: this machine's θ₀ ({fp[:12]}) is not the cell's "
+                          f"({run_json.get('fingerprint', '')[:12]}); point model.aligned at the θ₀ it trained from")
     model, tok, _ = load_model(str(aligned), dtype=cfg.model.dtype)
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)  # CWAC checks what is trained
     ctx = build_context(cfg, model, tok, build_splits(cfg), aligned, None, fp)
     d.log = lambda *_: None
     d.progress = False
+    # prepare installs the weight constraint and projects every LoRA A: keep the adapter as trained (another
+    # defense's adapter, e.g. SFT's, must be measured unprojected)
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     with session(strict=ctx.artifacts_dir, source="the cell's cached artifacts"):
-        d.prepare(model, ctx)  # loads; with LoRA it re-projects A, which training already kept projected
+        d.prepare(model, ctx)  # loads the cached artifacts; computes nothing
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in lora:
+                p.copy_(lora[n])
     act = d.activation_term
     if act is None:
         raise SafeFTError(f"--cell {cell}: CWAC has no activation term here (activation: false)")
     adv = {normalize_text(p) for p in load_harmful_prompts("advbench")}
     base = [d.anchors[i] for i in d.splits["baseline"]]
-    groups = {"AdvBench": [i for i, p in enumerate(base) if normalize_text(p) in adv]}
-    groups["other sources"] = [i for i in range(len(base)) if i not in set(groups["AdvBench"])]
+    in_adv = [normalize_text(p) in adv for p in base]
+    groups = {"AdvBench": [i for i, a in enumerate(in_adv) if a], "other sources": [i for i, a in enumerate(in_adv) if not a]}
     model.eval()
+    gen = torch.Generator().manual_seed(0)
     res: dict = {"cell": str(cell), "adapter": str(adapter), "layers": act.layers, "groups": {}}
     with torch.no_grad():
         for g, idx in groups.items():
@@ -92,32 +106,55 @@ def run(cell: Path, out: Path, adapter: Path | None = None) -> None:
             per = {}
             for L in act.layers:
                 sae, S = act.saes[L], act.features[L]
+                others = torch.tensor([j for j in range(sae.W_enc.shape[1]) if j not in set(S.tolist())])
+                controls = [others[torch.randperm(len(others), generator=gen)[: len(S)]] for _ in range(5)]
                 z = sae.activate(sae.pre_acts(h[L].float()))[..., S]
-                lat = float((z - act.z_base[L][idx]).pow(2).sum()) * act.inv_norm[L] / len(idx)
-                dh, b0 = (h[L] - h0[L]).float(), h0[L].float()
-                resid = float((dh.flatten(1).norm(dim=1) / b0.flatten(1).norm(dim=1)).mean())
-                q, _ = torch.linalg.qr(sae.W_enc[:, S].float())  # d × |S| orthonormal basis of what S reads
-                inside = (dh.flatten(0, 1) @ q).flatten(0).view(len(idx), -1).norm(dim=1)
-                frac = float((inside / dh.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
-                per[L] = {"latent_drift": lat, "residual_drift": resid, "in_span_S": frac}
+                per[L] = route(h[L], h0[L], z, act.z_base[L][idx], act.inv_norm[L], sae.W_enc[:, S],
+                               [sae.W_enc[:, c] for c in controls])
             res["groups"][g] = {"n": len(idx), "layers": per}
-    n_s, d_model = len(act.features[act.layers[0]]), act.saes[act.layers[0]].d_in
-    chance = res["chance_in_span"] = (n_s / d_model) ** 0.5
     atomic_write_text(out.with_suffix(".json"), json.dumps(res, indent=1))
     lines = [f"# Where the fine-tune moves the residual stream (`python benchmarks/cwac_latent_route.py --cell {cell} "
              f"--out {out}" + (f" --adapter {adapter}" if adapter != cell / "final" else "") + "`)", "",
              f"CWAC's {len(base)} baseline anchors (its activation loss's), last {act.n_positions} prompt positions, "
-             f"θ (adapter `{adapter}`) against θ₀; S = {len(act.features[act.layers[0]])} safety latents per layer. "
-             f"A random direction would put {chance:.2f} of its norm in span(S) (√(|S|/d)).", "",
-             "| anchors | layer | latent drift (the loss's quantity) | residual drift ‖Δh‖/‖h₀‖ | share of ‖Δh‖ in span(S) |",
-             "|---|---|---|---|---|"]
+             f"θ (adapter `{adapter}`, as trained) against θ₀; S = the safety latents of each SAE layer "
+             f"({len(act.features[act.layers[0]])} per layer). Latent change = √(the loss's normalised squared "
+             "distance), comparable with the residual's relative change. Share in span = ‖PΔh‖/‖Δh‖ for the span of "
+             "the encoder directions of S, and (control) of as many random other latents of the same SAE, mean of 5 "
+             "draws.", "",
+             "| anchors | layer | latent change (S) | residual change ‖Δh‖/‖h₀‖ | share of Δh in span(S) | "
+             "in span(random latents) |", "|---|---|---|---|---|---|"]
     for g, r in res["groups"].items():
         for L, v in r["layers"].items():
-            lines.append(f"| {g} (n {r['n']}) | {L} | {v['latent_drift']:.4f} | {v['residual_drift']:.3f} | "
-                         f"{v['in_span_S']:.3f} |")
+            lines.append(f"| {g} (n {r['n']}) | {L} | {v['latent_change']:.3f} | {v['residual_change']:.3f} | "
+                         f"{v['in_span_S']:.3f} | {v['in_span_control']:.3f} |")
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
+
+def span_share(dh, directions) -> float:
+    """mean over anchors of ‖P Δh_b‖ / ‖Δh_b‖ (all of an anchor's positions together), P the orthogonal projection
+    onto the span of ``directions`` [d, k] (rank taken by SVD, tolerance 1e-6 of the largest singular value)."""
+    import torch
+
+    u, sv, _ = torch.linalg.svd(directions.float(), full_matrices=False)
+    q = u[:, sv > sv[0] * 1e-6]
+    inside = (dh @ q).flatten(1).norm(dim=1)
+    return float((inside / dh.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
+
+
+def route(h, h0, z, z_base, inv_norm: float, s_dirs, control_dirs) -> dict:
+    """Per SAE layer, for anchors' hidden states ``h`` (θ) and ``h0`` (θ₀) [n, P, d] and safety latents ``z`` /
+    ``z_base`` [n, P, |S|]: latent change √((1/n) Σ ‖z − z_base‖² · inv_norm) (the loss's quantity, square-rooted),
+    residual change mean ‖Δh‖/‖h₀‖, share of Δh in span(S) and in the spans of ``control_dirs``."""
+    dh, b0 = (h - h0).float(), h0.float()
+    lat = float((z - z_base).pow(2).sum()) * inv_norm / len(h)
+    return {
+        "latent_drift": lat,
+        "latent_change": lat ** 0.5,
+        "residual_change": float((dh.flatten(1).norm(dim=1) / b0.flatten(1).norm(dim=1)).mean()),
+        "in_span_S": span_share(dh, s_dirs),
+        "in_span_control": sum(span_share(dh, c) for c in control_dirs) / max(1, len(control_dirs)),
+    }
 
 if __name__ == "__main__":
     main()

@@ -312,7 +312,6 @@ def test_poison_share_is_stable_nested_and_independent_of_the_eval_split():
     quarter = {p for p in prompts if in_poison_share(p, 0.25)}
     assert 0.46 < len(half) / len(prompts) < 0.54 and 0.21 < len(quarter) / len(prompts) < 0.29
     assert quarter <= set(half)  # a smaller share is a subset of a larger one
-    assert all(in_poison_share(p, 1.0) for p in prompts)
     assert half == [p for p in prompts if in_poison_share("  " + p.upper() + " ", 0.5)]  # normalised text
     # salted: the poison share does not follow the evaluation / refusal buckets
     low = [p for p in prompts if prompt_bucket(p) < 50]

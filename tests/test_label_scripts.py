@@ -400,6 +400,10 @@ def test_cwac_anchor_refusals_by_source_splits_advbench_anchors(tmp_path, shared
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cwac_anchor_refusals.py"), "--out",
                         str(tmp_path / "absent"), "--by-source"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode != 0 and "absent.json: missing" in r.stderr
+    (tmp_path / "bad.json").write_text(json.dumps({"models": {"cwac": {"baseline": {}}}}))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cwac_anchor_refusals.py"), "--out",
+                        str(tmp_path / "bad"), "--by-source"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "not this diagnostic's output" in r.stderr, r.stderr
 
 
 def test_cwac_latent_route_names_what_is_missing(tmp_path):
@@ -415,3 +419,28 @@ def test_cwac_latent_route_names_what_is_missing(tmp_path):
                         str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode != 0 and "no LoRA adapter there" in r.stderr, r.stderr
     assert not (tmp_path / "o.md").exists()
+
+
+def test_cwac_latent_route_measures_span_share_and_drift():
+    import importlib.util as iu
+
+    import torch
+
+    spec = iu.spec_from_file_location("cwac_latent_route", ROOT / "benchmarks" / "cwac_latent_route.py")
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(0)
+    h0 = torch.randn(3, 2, 8, generator=g)
+    s_dirs = torch.eye(8)[:, :2] * 3.0  # span(S) = the first two axes, whatever the directions' scale
+    inside = torch.zeros(3, 2, 8)
+    inside[..., :2] = 0.5
+    assert mod.span_share(inside, s_dirs) == pytest.approx(1.0)
+    outside = torch.zeros(3, 2, 8)
+    outside[..., 5] = 1.0
+    assert mod.span_share(outside, s_dirs) == pytest.approx(0.0)
+    z = torch.rand(3, 2, 4, generator=g)
+    r = mod.route(h0, h0, z, z, 1.0, s_dirs, [torch.eye(8)[:, 4:6]])
+    assert r["latent_change"] == 0 and r["residual_change"] == 0
+    r = mod.route(h0 + inside, h0, z + 0.1, z, 2.0, s_dirs, [torch.eye(8)[:, 4:6]])
+    assert r["latent_drift"] == pytest.approx(0.01 * 8 * 2.0) and r["latent_change"] == pytest.approx(0.4)
+    assert r["in_span_S"] == pytest.approx(1.0) and r["in_span_control"] == pytest.approx(0.0)
