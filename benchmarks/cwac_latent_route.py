@@ -49,7 +49,7 @@ def run(cell: Path, out: Path, adapter: Path | None = None) -> None:
             raise SafeFTError(f"--cell {cell}: no {f} there (a finished LoRA CWAC cell is needed)")
     adapter = adapter or cell / "final"
     if not (adapter / "adapter_config.json").is_file():
-        raise SafeFTError(f"--adapter {adapter}: no LoRA adapter there")
+        raise SafeFTError(f"--adapter {adapter}: no LoRA adapter there (give a finished cell's final/ folder)")
     import torch
     from peft import PeftModel
 
