@@ -37,12 +37,35 @@ from pathlib import Path
 from safeft.errors import SafeFTError
 
 
-def _anchors(args, run: dict) -> tuple[list[str], dict[str, list[int]], int]:
+def frac(k: int, n: int) -> str:
+    """``k / n (x%)``, or ``–`` when n is 0."""
+    return f"{k} / {n} ({100 * k / n:.0f}%)" if n else "–"
+
+
+def advbench_test():
+    """A predicate: is this prompt (normalised text) an AdvBench prompt."""
+    from safeft.data import load_harmful_prompts, normalize_text
+
+    adv = {normalize_text(p) for p in load_harmful_prompts("advbench")}
+    return lambda prompt: normalize_text(prompt) in adv
+
+
+def cell_anchors(cwac_cell: str | Path, anchors_dir: str | None) -> tuple[dict, list[str], dict[str, list[int]], int]:
+    """A finished CWAC cell's ``run.json`` and its anchors (``anchors_dir``, or the cache's for the cell's θ₀),
+    checked to be the cell's: ``(run, anchors, split, seed)``."""
+    run_file = Path(cwac_cell) / "run.json"
+    if not run_file.is_file():
+        raise SafeFTError(f"--cwac-cell {cwac_cell}: no run.json there (has the cell finished?)")
+    run = json.loads(run_file.read_text(encoding="utf-8"))
+    return (run, *_anchors(anchors_dir, run))
+
+
+def _anchors(anchors_dir: str | None, run: dict) -> tuple[list[str], dict[str, list[int]], int]:
     from safeft.defenses.cwac.anchors import split_anchors
     from safeft.models import cache_root
 
     seed = int(run["config"]["training"]["seed"])  # CWAC's seed (ctx.seed): the anchors' key and their split
-    d = Path(args.anchors) if args.anchors else cache_root() / "artifacts" / run["fingerprint"][:16] / "cwac-anchors"
+    d = Path(anchors_dir) if anchors_dir else cache_root() / "artifacts" / run["fingerprint"][:16] / "cwac-anchors"
     man = d / "manifest.json"
     if not man.is_file():
         raise SafeFTError(f"{man}: no anchors artifact; run the CWAC cell (or `safeft prepare`) first, or give --anchors")
@@ -95,11 +118,7 @@ def main() -> None:
 
 
 def run(args) -> None:
-    run_file = Path(args.cwac_cell) / "run.json"
-    if not run_file.is_file():
-        raise SafeFTError(f"--cwac-cell {args.cwac_cell}: no run.json there (has the cell finished?)")
-    run_json = json.loads(run_file.read_text(encoding="utf-8"))
-    anchors, split, seed = _anchors(args, run_json)
+    run_json, anchors, split, seed = cell_anchors(args.cwac_cell, args.anchors)
     picked = {s: split[s][: args.n] for s in ("baseline", "causal")}
     cells = {} if args.no_aligned else {"θ₀": None}
     for c in args.cells:
@@ -190,14 +209,13 @@ def by_label(out_json: Path, labels_dir: Path) -> None:
                     raise SafeFTError(f"{labels_dir / 'labels.csv'}: label {k!r} is not {' / '.join(kinds)}")
                 tally[k][0] += r["outcome"] == "refusal"
                 tally[k][1] += 1
-        lines.append(f"| {name} | " + " | ".join(f"{a} / {n} ({100 * a / n:.0f}%)" if n else "–" for a, n in tally.values())
+        lines.append(f"| {name} | " + " | ".join(frac(a, n) for a, n in tally.values())
                      + " |")
     atomic_write_text(out_json.with_name(out_json.stem + "_by_label.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def by_source(out_json: Path) -> None:
-    from safeft.data import load_harmful_prompts, normalize_text
     from safeft.io import atomic_write_text
 
     if not out_json.is_file():
@@ -207,7 +225,7 @@ def by_source(out_json: Path) -> None:
         models = {n: {sp: list(r["records"]) for sp, r in splits.items()} for n, splits in res["models"].items()}
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise SafeFTError(f"{out_json}: not this diagnostic's output (models → split → records); rerun it") from None
-    adv = {normalize_text(p) for p in load_harmful_prompts("advbench")}
+    is_adv = advbench_test()
     groups = (("AdvBench", True), ("other sources", False))
     lines = [f"# Refusals on CWAC's anchors by source (`python benchmarks/cwac_anchor_refusals.py --out "
              f"{str(out_json)[:-5]} --by-source`)", "",
@@ -217,9 +235,8 @@ def by_source(out_json: Path) -> None:
         for split, records in splits.items():
             cells = []
             for _, want in groups:
-                rs = [r for r in records if (normalize_text(r["prompt"]) in adv) == want]
-                k = sum(r["outcome"] == "refusal" for r in rs)
-                cells.append(f"{k} / {len(rs)} ({100 * k / len(rs):.0f}%)" if rs else "–")
+                rs = [r for r in records if is_adv(r["prompt"]) == want]
+                cells.append(frac(sum(r["outcome"] == "refusal" for r in rs), len(rs)))
             lines.append(f"| {name} | {split} | " + " | ".join(cells) + " |")
     atomic_write_text(out_json.with_name(out_json.stem + "_by_source.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -65,15 +65,10 @@ def main() -> None:
 
 
 def run(args) -> None:
-    import json
-
-    from cwac_anchor_refusals import _anchors
+    from cwac_anchor_refusals import advbench_test, cell_anchors, frac
     from human_table import collect
 
-    run_file = Path(args.cwac_cell) / "run.json"
-    if not run_file.is_file():
-        raise SafeFTError(f"--cwac-cell {args.cwac_cell}: no run.json there (has the cell finished?)")
-    anchors, _, seed = _anchors(args, json.loads(run_file.read_text(encoding="utf-8")))
+    _, anchors, _, seed = cell_anchors(args.cwac_cell, args.anchors)
     models = collect([Path(b) for b in args.batches])
     for name in ("aligned", args.model):
         if name not in models:
@@ -88,7 +83,6 @@ def run(args) -> None:
 
     import torch
 
-    from safeft.data import load_harmful_prompts, normalize_text
     from safeft.eval.judges.encoder import Encoder
     from safeft.io import atomic_write_text
 
@@ -98,11 +92,8 @@ def run(args) -> None:
     sims = (e_p @ e_a.T).max(dim=1).values.tolist()
     kept = [models[args.model][p] == "refusal" for p in refused]
     res = tabulate(sims, kept, [CONTEXT_SEP in p for p in refused])
-    adv = {normalize_text(p) for p in load_harmful_prompts("advbench")}
-    n_adv = sum(normalize_text(a) in adv for a in anchors)
-
-    def pct(k: int, n: int) -> str:
-        return f"{k} / {n} ({100 * k / n:.0f}%)" if n else "–"
+    is_adv = advbench_test()
+    n_adv = sum(is_adv(a) for a in anchors)
 
     def edge(x: float) -> str:
         return "−∞" if x == float("-inf") else ("∞" if x == float("inf") else f"{x:.2f}")
@@ -110,12 +101,12 @@ def run(args) -> None:
     lines = [f"# Which of θ₀'s refusals CWAC keeps (`python benchmarks/cwac_anchor_transfer.py "
              f"{' '.join(sys.argv[1:])}`)", "",
              f"θ₀ refused {res['n']} of the labelled test prompts (human labels); `{args.model}` still refuses "
-             f"{pct(res['kept'], res['n'])}. Anchors: {len(anchors)} (seed {seed}), {n_adv} of them AdvBench prompts. "
+             f"{frac(res['kept'], res['n'])}. Anchors: {len(anchors)} (seed {seed}), {n_adv} of them AdvBench prompts. "
              "Similarity: cosine of the prompt's nearest anchor (all-MiniLM-L6-v2).", "",
              "| nearest-anchor similarity | kept |", "|---|---|"]
-    lines += [f"| ({edge(b['low'])}, {edge(b['high'])}] | {pct(b['kept'], b['n'])} |" for b in res["bins"]]
+    lines += [f"| ({edge(b['low'])}, {edge(b['high'])}] | {frac(b['kept'], b['n'])} |" for b in res["bins"]]
     lines += ["", "| HarmBench form | kept |", "|---|---|"]
-    lines += [f"| {f} | {pct(v['kept'], v['n'])} |" for f, v in res["form"].items()]
+    lines += [f"| {f} | {frac(v['kept'], v['n'])} |" for f, v in res["form"].items()]
     means = [f"{k} {res[f'mean_sim_{k}']:.3f}" for k in ("kept", "lost") if res[f"mean_sim_{k}"] is not None]
     lines += ["", f"Mean nearest-anchor similarity: {', '.join(means)}."]
     atomic_write_text(Path(args.out + ".md"), "\n".join(lines) + "\n")

@@ -51,11 +51,11 @@ def run(cell: Path, out: Path, adapter: Path | None = None) -> None:
     if not (adapter / "adapter_config.json").is_file():
         raise SafeFTError(f"--adapter {adapter}: no LoRA adapter there (give a finished cell's final/ folder)")
     import torch
+    from cwac_anchor_refusals import advbench_test
     from peft import PeftModel
 
     from safeft.artifacts import session
     from safeft.config import build_config
-    from safeft.data import load_harmful_prompts, normalize_text
     from safeft.defenses import build_defenses
     from safeft.io import atomic_write_text
     from safeft.models import fingerprint, load_model
@@ -89,9 +89,9 @@ def run(cell: Path, out: Path, adapter: Path | None = None) -> None:
     act = d.activation_term
     if act is None:
         raise SafeFTError(f"--cell {cell}: CWAC has no activation term here (activation: false)")
-    adv = {normalize_text(p) for p in load_harmful_prompts("advbench")}
+    is_adv = advbench_test()
     base = [d.anchors[i] for i in d.splits["baseline"]]
-    in_adv = [normalize_text(p) in adv for p in base]
+    in_adv = [is_adv(p) for p in base]
     groups = {"AdvBench": [i for i, a in enumerate(in_adv) if a], "other sources": [i for i, a in enumerate(in_adv) if not a]}
     model.eval()
     gen = torch.Generator().manual_seed(0)
