@@ -19,22 +19,24 @@ if TYPE_CHECKING:
     from safeft.config import RunConfig
 
 
-def prompt_bucket(text: str) -> int:
-    """Stable bucket in [0, 100) of a prompt's normalised text: the same prompt lands in the same split always."""
+def _hash32(text: str, salt: str = "") -> int:
+    """A stable 32-bit hash of ``salt`` + a prompt's normalised text (sha256, first 8 hex digits)."""
     from safeft.data import normalize_text
 
-    return int(hashlib.sha256(normalize_text(text).encode("utf-8")).hexdigest()[:8], 16) % 100
+    return int(hashlib.sha256((salt + normalize_text(text)).encode("utf-8")).hexdigest()[:8], 16)
+
+
+def prompt_bucket(text: str) -> int:
+    """Stable bucket in [0, 100) of a prompt's normalised text: the same prompt lands in the same split always."""
+    return _hash32(text) % 100
 
 
 def in_poison_share(text: str, share: float) -> bool:
     """Whether a harmful prompt is in the ``data.poison_share`` part of its source: a stable hash of the normalised
     text, salted so that it is independent of :func:`prompt_bucket` (the evaluation / refusal splits)."""
-    from safeft.data import normalize_text
-
     if share >= 1.0:
         return True
-    h = int(hashlib.sha256(("poison-share:" + normalize_text(text)).encode("utf-8")).hexdigest()[:8], 16)
-    return h / 0xFFFFFFFF < share
+    return _hash32(text, "poison-share:") / 0xFFFFFFFF < share
 
 
 @dataclass
