@@ -615,6 +615,20 @@ def test_hold_residual_holds_the_anchors_residual(tiny_tokenizer, tmp_path):
         CWACWeightConfig(hold_residual=1.0)
 
 
+def test_activation_term_follows_the_model_to_the_trainers_device(tiny_tokenizer, tmp_path):
+    """``prepare`` runs where the model was loaded (the CPU); the Trainer then moves it (to a GPU): on_train_begin
+    moves the SAEs and every baseline along (the meta device stands in for the GPU here)."""
+    model = lora(tiny_model())
+    d = make(CWACConfig(**{**FAST, "weight": False, "hold_residual": 1.0}))
+    d.prepare(model, ctx_for(tiny_tokenizer, tmp_path))
+    model.to("meta")
+    d.on_train_begin(model, None)
+    t = d.activation_term
+    tensors = [*t.z_base.values(), *t.h_base.values(), *t.features.values()]
+    tensors += [p for sae in t.saes.values() for p in sae.parameters()]
+    assert tensors and all(x.device.type == "meta" for x in tensors)
+
+
 def test_loss_term_multi_layer_early_exit_gradient_and_resume(tiny_tokenizer, tmp_path):
     model = lora(tiny_model())
     d = make(CWACConfig(**{**FAST, "weight": False, "sae_layers": [0, 1]}))

@@ -127,9 +127,12 @@ class CWAC(Defense):
 
     def on_train_begin(self, model: nn.Module, backend: str | None) -> None:
         """Take the constrained parameters again from the wrapped model (FSDP2 swaps in ``Shard(0)`` DTensors):
-        W₀V and the fp32 masters keep this rank's rows, V stays replicated."""
+        W₀V and the fp32 masters keep this rank's rows, V stays replicated. The activation term (SAEs, baselines)
+        follows the model to the device the trainer put it on (``prepare`` runs where the model was loaded)."""
         if self.weights:
             self.weights.rebind(decoder_layers(unwrap_model(model)), backend)
+        if self.activation_term is not None:
+            self.activation_term.to(device_of(unwrap_model(model)))
 
     def after_step(self, model: nn.Module) -> None:
         self.weights.apply()
