@@ -16,6 +16,7 @@ from safeft.defenses.cwac import CWAC, CWACConfig
 from safeft.defenses.cwac import anchors as A
 from safeft.defenses.cwac import features as F
 from safeft.defenses.cwac import subspace as S
+from safeft.defenses.cwac.config import CWACWeightConfig
 from safeft.errors import SafeFTError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices run faster on one thread
@@ -567,6 +568,65 @@ def test_activation_term_reduces_safety_feature_drift(tiny_tokenizer, tmp_path):
         drifts[lam] = sum(float((z1[L] - z0[L]).pow(2).sum()) for L in z0)
     assert drifts[0.0] > 0
     assert drifts[20.0] < 0.5 * drifts[0.0], drifts
+
+
+def _anchor_residuals(model, d: CWAC) -> dict[int, torch.Tensor]:
+    """The residual at the loss positions of every baseline anchor, under the current θ (no gradient)."""
+    t = d.activation_term
+    with torch.no_grad():
+        return {L: h.float().clone() for L, h in t.hidden(model, list(range(len(t.seqs)))).items()}
+
+
+def test_hold_residual_holds_the_anchors_residual(tiny_tokenizer, tmp_path):
+    moved = {}
+    for mu in (0.0, 20.0):
+        model = lora(tiny_model(seed=1))
+        d = make(CWACConfig(**{**FAST, "weight": False, "lam": 0.0, "hold_residual": mu}))
+        ctx = ctx_for(tiny_tokenizer, tmp_path)
+        summary = d.prepare(model, ctx)
+        model.eval()
+        h0 = _anchor_residuals(model, d)
+        terms = d.loss_terms(model, batch(0), None)
+        if mu:
+            # θ₀'s residual is stored at install, from the path training uses: the term is 0 at θ₀
+            assert set(terms) == {"cwac/safety", "cwac/residual"}
+            assert float(terms["cwac/residual"].detach()) == pytest.approx(0.0, abs=1e-6)
+            assert set(summary["residual_norms"]) == {str(L) for L in d.sae_layers}
+            assert all(torch.allclose(d.activation_term.h_base[L], h0[L], atol=1e-5) for L in h0)
+        else:
+            assert set(terms) == {"cwac/safety"} and "residual_norms" not in summary
+        torch.manual_seed(0)
+        train(model, d, steps=12, lr=5e-3, extra=_push_objective(max(d.sae_layers)))
+        model.eval()
+        h1 = _anchor_residuals(model, d)
+        moved[mu] = sum(float((h1[L] - h0[L]).pow(2).sum() / h0[L].pow(2).sum()) for L in h0)
+        if mu:
+            model.train()
+            val = d.loss_terms(model, batch(0), None)["cwac/residual"]
+            assert float(val.detach()) > 0
+            val.backward()  # the gradient reaches the adapters below the SAE layer
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora" in n)
+    assert moved[0.0] > 0
+    assert moved[20.0] < 0.5 * moved[0.0], moved
+    for bad in (dict(hold_residual=-1.0), dict(hold_residual=1.0, activation=False)):
+        with pytest.raises(SafeFTError, match="defense.cwac.hold_residual"):
+            CWACConfig(**bad)
+    with pytest.raises(SafeFTError, match="hold_residual"):
+        CWACWeightConfig(hold_residual=1.0)
+
+
+def test_activation_term_follows_the_model_to_the_trainers_device(tiny_tokenizer, tmp_path):
+    """``prepare`` runs where the model was loaded (the CPU); the Trainer then moves it (to a GPU): on_train_begin
+    moves the SAEs and every baseline along (the meta device stands in for the GPU here)."""
+    model = lora(tiny_model())
+    d = make(CWACConfig(**{**FAST, "weight": False, "hold_residual": 1.0}))
+    d.prepare(model, ctx_for(tiny_tokenizer, tmp_path))
+    model.to("meta")
+    d.on_train_begin(model, None)
+    t = d.activation_term
+    tensors = [*t.z_base.values(), *t.h_base.values(), *t.features.values()]
+    tensors += [p for sae in t.saes.values() for p in sae.parameters()]
+    assert tensors and all(x.device.type == "meta" for x in tensors)
 
 
 def test_loss_term_multi_layer_early_exit_gradient_and_resume(tiny_tokenizer, tmp_path):

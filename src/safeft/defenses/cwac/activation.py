@@ -7,6 +7,11 @@ process with the same global batch), run θ up to the deepest SAE layer on those
 
     L_safety = (1/B) Σ_b (1/|L|) Σ_ℓ ‖z_ℓ,b − z_ℓ,b^base‖² / mean_b′ ‖z_ℓ,b′^base‖²
 
+Optionally (``hold_residual`` μ > 0, beyond the paper; docs/cwac.md) the same anchors, layers and positions also
+hold the whole residual stream h, normalised the same way, with θ₀'s residuals taken once at install:
+
+    L_residual = (1/B) Σ_b (1/|L|) Σ_ℓ ‖h_ℓ,b − h_ℓ,b^base‖² / mean_b′ ‖h_ℓ,b′^base‖²
+
 The anchors are **packed**: their shared prefix (chat template) once, then every anchor's own tokens, in one row
 with a block mask (each anchor sees the prefix and itself) and position ids that restart after the prefix — no
 padding, the prefix encoded once. A check at install compares packed and padded activations on θ₀ and falls back
@@ -30,6 +35,7 @@ from safeft.defenses.cwac.common import (
     length_mask,
     pad_right,
 )
+from safeft.errors import SafeFTError
 
 
 def packed_batch(
@@ -106,12 +112,37 @@ class ActivationTerm:
         self.every = int(every)  # computed on every k-th call, weighted k
         self.calls = 0
         self.rank_world: tuple[int, int] | None = None  # set on first use (the process group exists by then)
+        self.h_base: dict[int, torch.Tensor] = {}  # θ₀'s residuals, only when the residual is held
+        self.h_inv_norm: dict[int, float] = {}
 
     def to(self, dev: torch.device) -> ActivationTerm:
         self.saes = {L: s.to(dev).eval().requires_grad_(False) for L, s in self.saes.items()}
         self.features = {L: f.long().to(dev) for L, f in self.features.items()}
         self.z_base = {L: z.float().to(dev) for L, z in self.z_base.items()}
+        self.h_base = {L: h.to(dev) for L, h in self.h_base.items()}
         return self
+
+    @torch.no_grad()
+    def take_residual_baseline(self, model: nn.Module, batch: int = 16) -> dict[int, float]:
+        """Store θ₀'s residual stream at the loss positions of every baseline anchor (the caller runs θ₀ in eval
+        mode, after :meth:`check_packing`, so the baseline comes from the path training uses). Returns the
+        normaliser per layer: mean_b ‖h_b^base‖² (over the anchor's ``n_positions`` positions)."""
+        n = len(self.seqs)
+        parts: dict[int, list[torch.Tensor]] = {L: [] for L in self.layers}
+        for start in range(0, n, batch):
+            hs = self.hidden(model, list(range(start, min(n, start + batch))))
+            for L in self.layers:
+                parts[L].append(hs[L].float())
+        self.h_base = {L: torch.cat(parts[L]) for L in self.layers}
+        norms = {L: float(h.pow(2).sum((1, 2)).mean()) for L, h in self.h_base.items()}
+        bad = [L for L, v in norms.items() if not v > 0]
+        if bad:
+            raise SafeFTError(
+                f"CWAC hold_residual: θ₀'s residual is zero at SAE layer(s) {bad} on every baseline anchor; set "
+                f"defense.cwac.hold_residual: 0 or pick other sae_layers"
+            )
+        self.h_inv_norm = {L: 1.0 / v for L, v in norms.items()}
+        return norms
 
     # ---- batches ---------------------------------------------------------------------------------------------
     def _send(self, t: torch.Tensor, dev: torch.device) -> torch.Tensor:
@@ -191,17 +222,25 @@ class ActivationTerm:
         """L_safety on this micro-batch's anchors; with ``every`` = k only on every k-th call (counted across
         resumes), weighted k, and 0 on the others: the same regulariser in expectation over k micro-batches, at
         1/k of the anchors' forward and backward cost."""
+        return self.terms(model)["safety"]
+
+    def terms(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``{"safety": L_safety}``, plus ``"residual": L_residual`` once :meth:`take_residual_baseline` ran —
+        both from one forward on the same anchors (one draw from the stream per call either way)."""
         self.calls += 1
         dev = next(model.parameters()).device
+        zero = torch.zeros((), device=dev)
+        names = ["safety", "residual"] if self.h_base else ["safety"]
         if (self.calls - 1) % self.every:
-            return torch.zeros((), device=dev)
+            return dict.fromkeys(names, zero)
         own, scale = self.draw()
         scale *= self.every
         if not own:
-            return torch.zeros((), device=dev)
+            return dict.fromkeys(names, zero)
         hs = self.hidden(model, own)
         own_t = self._send(torch.tensor(own, dtype=torch.long), dev)
         total = torch.zeros((), device=dev)
+        resid = torch.zeros((), device=dev)
         for L in self.layers:
             sae, S = self.saes[L], self.features[L]
             pre = sae.pre_acts(hs[L].float())  # [b, P, d_sae]
@@ -212,7 +251,13 @@ class ActivationTerm:
             z = pre_s + (z - pre_s).detach()
             diff = z - self.z_base[L].index_select(0, own_t)
             total = total + diff.pow(2).sum() * self.inv_norm[L]
-        return total * (scale / len(self.layers))
+            if self.h_base:
+                dh = hs[L].float() - self.h_base[L].index_select(0, own_t)
+                resid = resid + dh.pow(2).sum() * self.h_inv_norm[L]
+        out = {"safety": total * (scale / len(self.layers))}
+        if self.h_base:
+            out["residual"] = resid * (scale / len(self.layers))
+        return out
 
     @torch.no_grad()
     def drift(self, model: nn.Module, batch: int = 16) -> dict[int, float]:

@@ -36,7 +36,7 @@ class CWACConfig(DefenseConfig):
     """Coupled Weight and Activation Constraints (see docs/cwac.md for every field).
 
     Switches: weight / activation (both off = plain SFT); lam: λ of L_task + λ·L_safety (L_safety is normalised
-    by the baselines' norm). Weight subspace: energy, target_modules, layers, subspace_prompt_tokens /
+    by the baselines' norm); hold_residual: μ of + μ·L_residual (the whole residual at the same anchors, off). Weight subspace: energy, target_modules, layers, subspace_prompt_tokens /
     subspace_refusal_tokens (the decision positions), subspace_center, master_weights. Anchors: n_anchor,
     anchor_sources, anchor_judge, near_dup_threshold, max_new_tokens_anchor_check. SAE: sae_layers (or the old
     single sae_layer), n_sae_layers, sae_path, sae_width_factor, sae_k, sae_tokens, sae_steps, sae_batch_size,
@@ -47,6 +47,8 @@ class CWACConfig(DefenseConfig):
     weight: bool = True
     activation: bool = True
     lam: float = 0.5
+    # μ of + μ·L_residual: also hold θ₀'s whole residual at the same anchors / layers / positions (beyond the paper)
+    hold_residual: float = 0.0
     # -- weight constraint
     energy: float = 0.9
     target_modules: list[str] | None = None
@@ -108,6 +110,11 @@ class CWACConfig(DefenseConfig):
                 "true, false or null (auto: on for 16-bit weights)",
             )
         self.lam = check_number("cwac", "lam", self.lam, lo=0)
+        self.hold_residual = check_number("cwac", "hold_residual", self.hold_residual, lo=0)
+        if self.hold_residual > 0 and not self.activation:
+            raise config_error(
+                "cwac", "hold_residual", self.hold_residual, "0 when activation is false (it rides on its anchors)"
+            )
         self.energy = check_number("cwac", "energy", self.energy, lo=0, hi=1, open_lo=True, open_hi=True)
         self.benign_fraction = check_number(
             "cwac", "benign_fraction", self.benign_fraction, lo=0, hi=1, open_hi=True

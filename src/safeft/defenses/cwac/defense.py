@@ -11,7 +11,8 @@ The Defense composes the parts, each in its own file:
 
 ``prepare`` computes or loads every artifact (cached per θ₀ fingerprint, keyed by everything that changes it and
 by ``ARTIFACT_VERSION``) without touching the global RNG; ``loss_terms`` returns λ·L_safety; ``after_step``
-projects; ``finalize`` reports the largest leak. See docs/cwac.md.
+projects; ``finalize`` reports the largest leak. With ``hold_residual`` μ > 0 (beyond the paper) ``loss_terms``
+also returns μ·L_residual, the anchors' whole residual held at θ₀'s. See docs/cwac.md.
 """
 
 from __future__ import annotations
@@ -110,7 +111,11 @@ class CWAC(Defense):
     def loss_terms(self, model: nn.Module, inputs: dict, outputs: Any) -> dict[str, torch.Tensor]:
         if not self.config.activation or self.activation_term is None:
             return {}
-        return {"cwac/safety": self.config.lam * self.activation_term(unwrap_model(model))}
+        terms = self.activation_term.terms(unwrap_model(model))
+        out = {"cwac/safety": self.config.lam * terms["safety"]}
+        if "residual" in terms:
+            out["cwac/residual"] = self.config.hold_residual * terms["residual"]
+        return out
 
     def sharding_refusal(self, backend: str) -> str | None:
         if backend == "zero3" and any(e.kind == "full" for e in self.weights.entries):
@@ -122,9 +127,12 @@ class CWAC(Defense):
 
     def on_train_begin(self, model: nn.Module, backend: str | None) -> None:
         """Take the constrained parameters again from the wrapped model (FSDP2 swaps in ``Shard(0)`` DTensors):
-        W₀V and the fp32 masters keep this rank's rows, V stays replicated."""
+        W₀V and the fp32 masters keep this rank's rows, V stays replicated. The activation term (SAEs, baselines)
+        follows the model to the device the trainer put it on (``prepare`` runs where the model was loaded)."""
         if self.weights:
             self.weights.rebind(decoder_layers(unwrap_model(model)), backend)
+        if self.activation_term is not None:
+            self.activation_term.to(device_of(unwrap_model(model)))
 
     def after_step(self, model: nn.Module) -> None:
         self.weights.apply()
@@ -211,6 +219,10 @@ class CWAC(Defense):
                     with theta0(m):
                         act.check_packing(m)
                 summary["packed_anchors"] = act.packed
+                if cfg.hold_residual > 0:
+                    with theta0(m):
+                        norms = act.take_residual_baseline(m)
+                    summary["residual_norms"] = {str(L): round(v, 6) for L, v in norms.items()}
             self.activation_term = act
         summary["prepare_seconds"] = round(time.perf_counter() - t0, 3)
         summary["cache"] = {k: list(v) for k, v in self.stats.items()}
