@@ -18,6 +18,8 @@ baseline anchor, and reports per SAE layer, separately for the anchors that are 
 The adapter is measured as trained: CWAC's ``prepare`` projects LoRA A, so the weights are restored after it.
 
 ``--adapter DIR`` measures another cell's adapter (e.g. SFT's ``final/``, same θ₀) against the same artifacts.
+``--eval-prompts`` adds a group: the cell's evaluated harmful prompts (from its ``eval.json``), which no loss term
+sees; their θ₀ codes stand in for baselines (right-padded batches, as the loss uses when packing is off).
 Writes ``<out>.json`` and ``<out>.md``.
 """
 
@@ -36,15 +38,18 @@ def main() -> None:
     ap.add_argument("--cell", required=True, help="a finished CWAC cell (config.yaml, run.json, final/)")
     ap.add_argument("--adapter", help="another LoRA adapter folder to measure (default: the cell's final/)")
     ap.add_argument("--out", required=True, help="output path without extension")
+    ap.add_argument("--eval-prompts", action="store_true",
+                    help="also measure the cell's evaluated harmful prompts (eval.json), which no loss term sees")
     args = ap.parse_args()
     try:
-        run(Path(args.cell), Path(args.out), Path(args.adapter) if args.adapter else None)
+        run(Path(args.cell), Path(args.out), Path(args.adapter) if args.adapter else None, args.eval_prompts)
     except SafeFTError as e:
         sys.exit(str(e))
 
 
-def run(cell: Path, out: Path, adapter: Path | None = None) -> None:
-    for f in ("config.yaml", "run.json", "final/adapter_config.json"):
+def run(cell: Path, out: Path, adapter: Path | None = None, eval_prompts: bool = False) -> None:
+    need = ("config.yaml", "run.json", "final/adapter_config.json") + (("eval.json",) if eval_prompts else ())
+    for f in need:
         if not (cell / f).is_file():
             raise SafeFTError(f"--cell {cell}: no {f} there (a finished LoRA CWAC cell is needed)")
     adapter = adapter or cell / "final"
@@ -57,6 +62,7 @@ def run(cell: Path, out: Path, adapter: Path | None = None) -> None:
     from safeft.artifacts import session
     from safeft.config import build_config
     from safeft.defenses import build_defenses
+    from safeft.defenses.cwac.common import pad_id, prompt_ids
     from safeft.io import atomic_write_text
     from safeft.models import fingerprint, load_model
     from safeft.pipeline import build_context, build_splits, resolve
@@ -96,10 +102,19 @@ def run(cell: Path, out: Path, adapter: Path | None = None) -> None:
     model.eval()
     gen = torch.Generator().manual_seed(0)
     res: dict = {"cell": str(cell), "adapter": str(adapter), "layers": act.layers, "groups": {}}
+    anchor_seqs = act.seqs
+    if eval_prompts:
+        records = json.loads((cell / "eval.json").read_text(encoding="utf-8"))["harmful"]["records"]
+        prompts = [r["prompt"] for r in records]
+        eval_seqs = prompt_ids(tok, ctx.template, prompts, int(ctx.max_length))
+        groups["evaluation prompts"] = list(range(len(anchor_seqs), len(anchor_seqs) + len(eval_seqs)))
     with torch.no_grad():
         for g, idx in groups.items():
             if not idx:
                 continue
+            if g == "evaluation prompts":  # not anchors: no stored baselines, the common prefix may differ
+                act.seqs, act.packed, act.pad = eval_seqs, False, pad_id(tok)
+                idx = [i - len(anchor_seqs) for i in idx]
             h = act.hidden(model, idx)
             with model.disable_adapter():
                 h0 = act.hidden(model, idx)
@@ -109,12 +124,17 @@ def run(cell: Path, out: Path, adapter: Path | None = None) -> None:
                 others = torch.tensor([j for j in range(sae.W_enc.shape[1]) if j not in set(S.tolist())])
                 controls = [others[torch.randperm(len(others), generator=gen)[: len(S)]] for _ in range(5)]
                 z = sae.activate(sae.pre_acts(h[L].float()))[..., S]
-                per[L] = route(h[L], h0[L], z, act.z_base[L][idx], act.inv_norm[L], sae.W_enc[:, S],
+                if act.seqs is anchor_seqs:
+                    z_base = act.z_base[L][idx]
+                else:  # θ₀'s own codes on these prompts
+                    z_base = sae.activate(sae.pre_acts(h0[L].float()))[..., S]
+                per[L] = route(h[L], h0[L], z, z_base, act.inv_norm[L], sae.W_enc[:, S],
                                [sae.W_enc[:, c] for c in controls])
             res["groups"][g] = {"n": len(idx), "layers": per}
     atomic_write_text(out.with_suffix(".json"), json.dumps(res, indent=1))
     lines = [f"# Where the fine-tune moves the residual stream (`python benchmarks/cwac_latent_route.py --cell {cell} "
-             f"--out {out}" + (f" --adapter {adapter}" if adapter != cell / "final" else "") + "`)", "",
+             f"--out {out}" + (f" --adapter {adapter}" if adapter != cell / "final" else "")
+             + (" --eval-prompts" if eval_prompts else "") + "`)", "",
              f"CWAC's {len(base)} baseline anchors (its activation loss's), last {act.n_positions} prompt positions, "
              f"θ (adapter `{adapter}`, as trained) against θ₀; S = the safety latents of each SAE layer "
              f"({len(act.features[act.layers[0]])} per layer). Latent change = √(the loss's normalised squared "

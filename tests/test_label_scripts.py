@@ -417,6 +417,9 @@ def test_cwac_latent_route_names_what_is_missing(tmp_path):
     r = subprocess.run([sys.executable, script, "--cell", str(cell), "--adapter", str(tmp_path), "--out",
                         str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode != 0 and "no LoRA adapter there" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, script, "--cell", str(cell), "--eval-prompts", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "no eval.json there" in r.stderr, r.stderr  # the prompts it would measure
     assert not (tmp_path / "o.md").exists()
 
 
