@@ -446,3 +446,17 @@ def test_cwac_latent_route_measures_span_share_and_drift():
     r = mod.route(h0 + inside, h0, z + 0.1, z, 2.0, s_dirs, [torch.eye(8)[:, 4:6]])
     assert r["latent_drift"] == pytest.approx(0.01 * 8 * 2.0) and r["latent_change"] == pytest.approx(0.4)
     assert r["in_span_S"] == pytest.approx(1.0) and r["in_span_control"] == pytest.approx(0.0)
+
+
+def test_cwac_refusal_margin_gap_of_the_echo_token():
+    import importlib.util as iu
+
+    import torch
+
+    spec = iu.spec_from_file_location("cwac_refusal_margin", ROOT / "benchmarks" / "cwac_refusal_margin.py")
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 0.5]])  # row 0: token 0 on top; row 1: the target on top
+    gap, p, top = mod.first_token_gap(torch.log_softmax(logits, -1), target=1)
+    assert gap == pytest.approx([2.0, 0.0]) and top == [False, True]
+    assert p == pytest.approx(torch.softmax(logits, -1)[:, 1].tolist())
