@@ -21,7 +21,7 @@ to padded batches when a model does not take the 4-D mask. Token tensors are bui
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -127,10 +127,8 @@ class ActivationTerm:
         """Store θ₀'s residual stream at the loss positions of every baseline anchor (the caller runs θ₀ in eval
         mode, after :meth:`check_packing`, so the baseline comes from the path training uses). Returns the
         normaliser per layer: mean_b ‖h_b^base‖² (over the anchor's ``n_positions`` positions)."""
-        n = len(self.seqs)
         parts: dict[int, list[torch.Tensor]] = {L: [] for L in self.layers}
-        for start in range(0, n, batch):
-            hs = self.hidden(model, list(range(start, min(n, start + batch))))
+        for _, hs in self.every_anchor(model, batch):
             for L in self.layers:
                 parts[L].append(hs[L].float())
         self.h_base = {L: torch.cat(parts[L]) for L in self.layers}
@@ -174,6 +172,13 @@ class ActivationTerm:
         hs = run_to_layers(model, self._send(ids, dev), self._send(mask, dev), self.layers)
         pos = self._send(last_positions(lengths, self.n_positions), dev)
         return {L: torch.gather(h, 1, pos[..., None].expand(-1, -1, h.shape[-1])) for L, h in hs.items()}
+
+    def every_anchor(self, model: nn.Module, batch: int) -> Iterator[tuple[list[int], dict[int, torch.Tensor]]]:
+        """``(indices, hidden(model, indices))`` over every baseline anchor in order, ``batch`` at a time."""
+        n = len(self.seqs)
+        for start in range(0, n, batch):
+            idx = list(range(start, min(n, start + batch)))
+            yield idx, self.hidden(model, idx)
 
     @torch.no_grad()
     def check_packing(self, model: nn.Module) -> float:
@@ -266,17 +271,14 @@ class ActivationTerm:
         layers L_safety samples each step (0 at θ₀; 1 = the latents moved by as much as their own size). For
         monitoring (:class:`safeft.monitor.SafetyMonitor`): no gradient, no draw from the anchor stream (training's
         random sequence is untouched), this process only (no collective). The caller sets eval mode."""
-        n = len(self.seqs)
         total = dict.fromkeys(self.layers, 0.0)
-        for start in range(0, n, batch):
-            idx = list(range(start, min(n, start + batch)))
-            hs = self.hidden(model, idx)
+        for idx, hs in self.every_anchor(model, batch):
             for L in self.layers:
                 sae, S = self.saes[L], self.features[L]
                 z = sae.activate(sae.pre_acts(hs[L].float()))[..., S]  # [b, n_positions, |S|]
-                diff = z - self.z_base[L][start : start + len(idx)]
+                diff = z - self.z_base[L][idx[0] : idx[0] + len(idx)]
                 total[L] += float(diff.pow(2).sum()) * self.inv_norm[L]
-        return {L: v / max(1, n) for L, v in total.items()}
+        return {L: v / max(1, len(self.seqs)) for L, v in total.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"anchor_rng": self.gen.get_state(), "calls": torch.tensor(self.calls, dtype=torch.int64)}
