@@ -60,6 +60,41 @@ def cell_anchors(cwac_cell: str | Path, anchors_dir: str | None) -> tuple[dict, 
     return (run, *_anchors(anchors_dir, run))
 
 
+def cell_adapters(specs: list[str]) -> dict[str, Path]:
+    """``--cells NAME=CELL_DIR ...`` → ``{name: CELL_DIR/final}``, each a finished LoRA adapter."""
+    cells = {}
+    for c in specs:
+        name, eq, d = c.partition("=")
+        if not eq or not name:
+            raise SafeFTError(f"--cells {c}: give NAME=CELL_DIR")
+        final = Path(d) / "final"
+        if not (final / "adapter_config.json").is_file():
+            raise SafeFTError(f"--cells {c}: no LoRA adapter in {final} (has the cell finished here?)")
+        cells[name] = final
+    return cells
+
+
+def eval_records(cell: Path) -> list[dict]:
+    """The harmful-prompt records (prompt, answer, outcome, ...) of a finished cell's ``eval.json``."""
+    f = cell / "eval.json"
+    if not f.is_file():
+        raise SafeFTError(f"{cell}: no eval.json there (has the cell finished?)")
+    return json.loads(f.read_text(encoding="utf-8"))["harmful"]["records"]
+
+
+def cell_theta0(cfg, run: dict, flag: str, cell: Path) -> Path:
+    """θ₀'s folder for a cell's config, checked to be the weights the cell trained from (its run.json fingerprint)."""
+    from safeft.models import fingerprint
+    from safeft.pipeline import resolve
+
+    aligned = resolve(cfg, cfg.model.aligned)
+    fp = fingerprint(aligned)
+    if fp != run.get("fingerprint"):
+        raise SafeFTError(f"{flag} {cell}: this machine's θ₀ ({fp[:12]}) is not the cell's "
+                          f"({run.get('fingerprint', '')[:12]}); point model.aligned at the θ₀ it trained from")
+    return aligned
+
+
 def _anchors(anchors_dir: str | None, run: dict) -> tuple[list[str], dict[str, list[int]], int]:
     from safeft.defenses.cwac.anchors import split_anchors
     from safeft.models import cache_root
@@ -120,15 +155,8 @@ def main() -> None:
 def run(args) -> None:
     run_json, anchors, split, seed = cell_anchors(args.cwac_cell, args.anchors)
     picked = {s: split[s][: args.n] for s in ("baseline", "causal")}
-    cells = {} if args.no_aligned else {"θ₀": None}
-    for c in args.cells:
-        name, eq, d = c.partition("=")
-        if not eq or not name:
-            raise SafeFTError(f"--cells {c}: give NAME=CELL_DIR")
-        final = Path(d) / "final"
-        if not (final / "adapter_config.json").is_file():
-            raise SafeFTError(f"--cells {c}: no LoRA adapter in {final} (has the cell finished here?)")
-        cells[name] = final
+    cells: dict[str, Path | None] = {} if args.no_aligned else {"θ₀": None}
+    cells.update(cell_adapters(args.cells))
 
     import torch  # the checks above run before these imports (seconds on a busy machine)
     from peft import PeftModel

@@ -56,7 +56,7 @@ def run(cell: Path, out: Path, adapter: Path | None = None, eval_prompts: bool =
     if not (adapter / "adapter_config.json").is_file():
         raise SafeFTError(f"--adapter {adapter}: no LoRA adapter there (give a finished cell's final/ folder)")
     import torch
-    from cwac_anchor_refusals import advbench_test
+    from cwac_anchor_refusals import advbench_test, cell_theta0, eval_records
     from peft import PeftModel
 
     from safeft.artifacts import session
@@ -64,8 +64,8 @@ def run(cell: Path, out: Path, adapter: Path | None = None, eval_prompts: bool =
     from safeft.defenses import build_defenses
     from safeft.defenses.cwac.common import pad_id, prompt_ids
     from safeft.io import atomic_write_text
-    from safeft.models import fingerprint, load_model
-    from safeft.pipeline import build_context, build_splits, resolve
+    from safeft.models import load_model
+    from safeft.pipeline import build_context, build_splits
 
     cfg = build_config(cell / "config.yaml")
     found = [x for x in build_defenses(cfg.defense.name, cfg.defense.options) if x.name == "cwac"]
@@ -73,11 +73,8 @@ def run(cell: Path, out: Path, adapter: Path | None = None, eval_prompts: bool =
         raise SafeFTError(f"--cell {cell}: not a CWAC cell (defense {cfg.defense.name})")
     d = found[0]
     run_json = json.loads((cell / "run.json").read_text(encoding="utf-8"))
-    aligned = resolve(cfg, cfg.model.aligned)
-    fp = fingerprint(aligned)
-    if fp != run_json.get("fingerprint"):
-        raise SafeFTError(f"--cell {cell}: this machine's θ₀ ({fp[:12]}) is not the cell's "
-                          f"({run_json.get('fingerprint', '')[:12]}); point model.aligned at the θ₀ it trained from")
+    aligned = cell_theta0(cfg, run_json, "--cell", cell)
+    fp = run_json["fingerprint"]
     model, tok, _ = load_model(str(aligned), dtype=cfg.model.dtype)
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)  # CWAC checks what is trained
     ctx = build_context(cfg, model, tok, build_splits(cfg), aligned, None, fp)
@@ -104,8 +101,7 @@ def run(cell: Path, out: Path, adapter: Path | None = None, eval_prompts: bool =
     res: dict = {"cell": str(cell), "adapter": str(adapter), "layers": act.layers, "groups": {}}
     anchor_seqs = act.seqs
     if eval_prompts:
-        records = json.loads((cell / "eval.json").read_text(encoding="utf-8"))["harmful"]["records"]
-        prompts = [r["prompt"] for r in records]
+        prompts = [r["prompt"] for r in eval_records(cell)]
         eval_seqs = prompt_ids(tok, ctx.template, prompts, int(ctx.max_length))
         groups["evaluation prompts"] = list(range(len(anchor_seqs), len(anchor_seqs) + len(eval_seqs)))
     with torch.no_grad():

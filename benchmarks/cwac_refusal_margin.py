@@ -41,41 +41,27 @@ def main() -> None:
 def first_token_gap(logprobs, target: int) -> tuple[list[float], list[float], list[bool]]:
     """Per row of ``logprobs`` [n, vocab] (log-softmax at the generation header): the gap log p(top) − log p(target)
     (0 when the target is the top token), p(target), and whether the target is the top token."""
-
     top = logprobs.max(dim=-1).values
     tgt = logprobs[:, target]
     return (top - tgt).tolist(), tgt.exp().tolist(), (logprobs.argmax(dim=-1) == target).tolist()
 
 
-def _records(cell: Path) -> list[dict]:
-    f = cell / "eval.json"
-    if not f.is_file():
-        raise SafeFTError(f"{cell}: no eval.json there (has the cell finished?)")
-    return json.loads(f.read_text(encoding="utf-8"))["harmful"]["records"]
-
-
 def run(args) -> None:
     import torch
-    from cwac_anchor_refusals import cell_anchors
+    from cwac_anchor_refusals import cell_adapters, cell_anchors, cell_theta0, eval_records
     from peft import PeftModel
 
     from safeft.config import build_config
     from safeft.defenses.cwac.common import prompt_ids
     from safeft.io import atomic_write_text
-    from safeft.models import fingerprint, load_model
-    from safeft.pipeline import resolve
+    from safeft.models import load_model
 
     cell, aligned_cell = Path(args.cwac_cell), Path(args.aligned_cell)
-    cells = {}
-    for spec in args.cells:
-        name, _, d = spec.partition("=")
-        if not name or not d or not (Path(d) / "final" / "adapter_config.json").is_file():
-            raise SafeFTError(f"--cells {spec}: want NAME=CELL_DIR with a finished LoRA adapter in CELL_DIR/final")
-        cells[name] = Path(d) / "final"
+    cells = cell_adapters(args.cells)
     run_json, anchors, split, _ = cell_anchors(cell, None)
     cfg = build_config(cell / "config.yaml")
-    refused = {r["prompt"]: bool(r["refusal"]) for r in _records(aligned_cell)}
-    evaluated = [r["prompt"] for r in _records(cell)]
+    refused = {r["prompt"]: bool(r["refusal"]) for r in eval_records(aligned_cell)}
+    evaluated = [r["prompt"] for r in eval_records(cell)]
     if set(evaluated) != set(refused):
         raise SafeFTError(f"--aligned-cell {aligned_cell}: evaluated other prompts than --cwac-cell {cell}")
     groups = {
@@ -84,9 +70,7 @@ def run(args) -> None:
         "evaluated, θ₀ refused": [p for p in evaluated if refused[p]],
         "evaluated, θ₀ did not refuse": [p for p in evaluated if not refused[p]],
     }
-    aligned = resolve(cfg, cfg.model.aligned)
-    if fingerprint(aligned) != run_json.get("fingerprint"):
-        raise SafeFTError(f"--cwac-cell {cell}: this machine's θ₀ is not the cell's; point model.aligned at it")
+    aligned = cell_theta0(cfg, run_json, "--cwac-cell", cell)
     base, tok, _ = load_model(str(aligned), dtype=cfg.model.dtype)
     ids = tok.encode(args.first_token, add_special_tokens=False)
     if not ids:
