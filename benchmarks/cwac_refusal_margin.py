@@ -20,6 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from safeft.defenses.cwac.anchors import first_token_gap
 from safeft.errors import SafeFTError
 
 
@@ -36,14 +37,6 @@ def main() -> None:
         run(args)
     except SafeFTError as e:
         sys.exit(str(e))
-
-
-def first_token_gap(logprobs, target: int) -> tuple[list[float], list[float], list[bool]]:
-    """Per row of ``logprobs`` [n, vocab] (log-softmax at the generation header): the gap log p(top) − log p(target)
-    (0 when the target is the top token), p(target), and whether the target is the top token."""
-    top = logprobs.max(dim=-1).values
-    tgt = logprobs[:, target]
-    return (top - tgt).tolist(), tgt.exp().tolist(), (logprobs.argmax(dim=-1) == target).tolist()
 
 
 def run(args) -> None:

@@ -373,6 +373,58 @@ def test_anchors_disjoint_from_eval_and_poison_incl_near_duplicates(tiny_tokeniz
     assert sorted(sp["subspace"] + sp["causal"]) == list(range(len(d.anchors)))
 
 
+def test_thinnest_keeps_the_smallest_gaps_in_order():
+    assert A.thinnest([3.0, 1.0, 2.0, 1.0], 2) == [1, 3]
+    assert A.thinnest([0.5, 0.5, 0.5], 2) == [0, 1]  # ties: earlier first
+    assert A.thinnest([1.0], 5) == [0]
+    lp = torch.log_softmax(torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0]]), -1)
+    gap, p, top = A.first_token_gap(lp, target=1)
+    assert gap[0] == pytest.approx(2.0) and gap[1] == 0.0 and top == [False, True]
+    assert p[1] == pytest.approx(torch.softmax(torch.tensor([0.0, 3.0, 0.0]), -1)[1].item())
+
+
+def test_anchor_margin_keeps_the_thinnest_refusals(tiny_tokenizer, tmp_path):
+    """anchor_margin_token: gather pool × n_anchor refusals, keep the n_anchor whose θ₀ first-token gap to the
+    token is smallest (checked against the gaps computed here), under their own cache key."""
+    from safeft.defenses.cwac.common import prompt_ids
+
+    n = 6
+    logs: list[str] = []
+    cfg = CWACConfig(**{**FAST, "activation": False, "n_anchor": n, "anchor_margin_token": "Sure"})
+    d = make(cfg, logs=logs)
+    seen: list[str] = []
+    d.answer_fn = lambda _m, _t, ps, _tpl, _n: (seen.extend(ps), [REFUSAL] * len(ps))[1]
+    model = lora(tiny_model())
+    ctx = ctx_for(tiny_tokenizer, tmp_path)
+    s = d.prepare(model, ctx)
+    margin = s["anchor_info"]["margin"]
+    assert margin["refusals_gathered"] == 2 * n and margin["kept"] == n == len(d.anchors)
+    gathered = seen[: 2 * n]  # every candidate is refused here, so the first 2n checked are the ones gathered
+    target = tiny_tokenizer.encode("Sure", add_special_tokens=False)[0]
+    with torch.no_grad():
+        rows = [
+            torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1], -1)
+            for ids in prompt_ids(tiny_tokenizer, "chat", gathered, 128)
+        ]
+    gaps, _, _ = A.first_token_gap(torch.stack(rows), target)
+    want = [gathered[i] for i in sorted(range(2 * n), key=lambda i: gaps[i])[:n]]
+    assert sorted(d.anchors) == sorted(want) and d.anchors != gathered[:n]
+    assert margin["median_gap_kept"] <= margin["median_gap_gathered"]
+    assert any("thinnest" in line for line in logs)
+    # the paper's rule (off) has its own cache entry: it is computed, not loaded from the margin run's
+    d2 = make(CWACConfig(**{**FAST, "activation": False, "n_anchor": n}))
+    d2.prepare(lora(tiny_model()), ctx)
+    assert "cwac-anchors" in d2.stats["computed"] and d2.anchors == gathered[:n]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("anchor_margin_pool", 0.5), ("anchor_margin_token", 3)]
+)
+def test_anchor_margin_config_errors_name_the_field(field, value):
+    with pytest.raises(SafeFTError, match=field):
+        CWACConfig(**{field: value})
+
+
 def test_anchor_sources_interleaved_and_shared_data(shared_data):
     by = A.load_sources(
         ["pool", "strongreject", "advbench"], ["a pool prompt about gardens"], lambda *_: None

@@ -2,7 +2,8 @@
 prompts (normalised text and near-duplicates), judged on θ₀'s own greedy answers; and their split into the sets
 each part of CWAC uses.
 
-Pure functions; θ₀'s answers and the judge come in as callables (``select_anchors``).
+Pure functions; θ₀'s answers and the judge come in as callables (``select_anchors``), θ₀'s first-token
+log-probabilities as a tensor (``first_token_gap``).
 """
 
 from __future__ import annotations
@@ -225,7 +226,8 @@ def select_anchors(
     chunk: int = 64,
 ) -> tuple[list[int], list[str], dict[str, Any]]:
     """Check candidates in order, ``chunk`` at a time (θ₀'s answers from ``answer(prompts)``, judged by
-    ``outcomes``), until ``n_anchor`` refusals are found. Returns the indices of the anchors (into
+    ``outcomes``), until ``n_anchor`` refusals are found (the caller may ask for more and thin them out, as
+    ``anchor_margin_token`` does with :func:`thinnest`). Returns the indices of the anchors (into
     ``candidates``), their answers, and counts: ``checked``, ``refused``, ``outcomes`` and per ``source``
     (checked / refused)."""
     picked: list[int] = []
@@ -254,6 +256,20 @@ def select_anchors(
         answers,
         {"checked": checked, "refused": len(picked), "outcomes": counts, "sources": per_source},
     )
+
+
+def first_token_gap(logprobs: torch.Tensor, target: int) -> tuple[list[float], list[float], list[bool]]:
+    """Per row of ``logprobs`` [n, vocab] (log-softmax at the generation header): the gap
+    log p(top) − log p(target) (0 when the target is the top token), p(target), and whether it is the top token."""
+    top = logprobs.max(dim=-1).values
+    tgt = logprobs[:, target]
+    return (top - tgt).tolist(), tgt.exp().tolist(), (logprobs.argmax(dim=-1) == target).tolist()
+
+
+def thinnest(gaps: Sequence[float], n: int) -> list[int]:
+    """Positions of the ``n`` smallest gaps, in their original order (ties: the earlier position first)."""
+    order = sorted(range(len(gaps)), key=lambda i: (gaps[i], i))
+    return sorted(order[: max(0, n)])
 
 
 def split_anchors(n: int, seed: int) -> dict[str, list[int]]:

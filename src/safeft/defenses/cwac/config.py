@@ -39,8 +39,8 @@ class CWACConfig(DefenseConfig):
     by the baselines' norm); hold_residual: μ of + μ·L_residual (the whole residual at the same anchors, off).
     Weight subspace: energy, target_modules, layers, subspace_prompt_tokens / subspace_refusal_tokens (the
     decision positions), subspace_center, master_weights. Anchors: n_anchor, anchor_sources, anchor_judge,
-    near_dup_threshold, max_new_tokens_anchor_check. SAE: sae_layers (or the old single sae_layer), n_sae_layers,
-    sae_path, sae_width_factor, sae_k, sae_tokens, sae_steps, sae_batch_size, sae_lr, sae_aux_coef,
+    near_dup_threshold, max_new_tokens_anchor_check, anchor_margin_token / anchor_margin_pool (thin refusals).
+    SAE: sae_layers (or the old single sae_layer), n_sae_layers, sae_path, sae_width_factor, sae_k, sae_tokens, sae_steps, sae_batch_size, sae_lr, sae_aux_coef,
     benign_fraction, sae_general_sources, keep_activations. Features: n_features, n_positions, causal_check,
     causal_min_drop, require_causal. Training: anchor_batch, packed_anchors, activation_every.
     """
@@ -64,6 +64,10 @@ class CWACConfig(DefenseConfig):
     anchor_judge: str = "content"
     near_dup_threshold: float = 0.5
     max_new_tokens_anchor_check: int = 48
+    # beyond the paper: when set (e.g. "Sure", a compliant answer's first token), gather anchor_margin_pool ×
+    # n_anchor refusals and keep the n_anchor whose θ₀ first-token gap to this token is smallest (thin refusals)
+    anchor_margin_token: str = ""
+    anchor_margin_pool: float = 2.0
     # -- SAE
     sae_layer: int | None = None
     sae_layers: list[int] | None = None
@@ -112,6 +116,11 @@ class CWACConfig(DefenseConfig):
             )
         self.lam = check_number("cwac", "lam", self.lam, lo=0)
         self.hold_residual = check_number("cwac", "hold_residual", self.hold_residual, lo=0)
+        if not isinstance(self.anchor_margin_token, str):
+            raise config_error(
+                "cwac", "anchor_margin_token", self.anchor_margin_token, 'a string such as "Sure", or "" (off)'
+            )
+        self.anchor_margin_pool = check_number("cwac", "anchor_margin_pool", self.anchor_margin_pool, lo=1)
         if self.hold_residual > 0 and not self.activation:
             raise config_error(
                 "cwac", "hold_residual", self.hold_residual, "0 when activation is false (it rides on its anchors)"

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -320,6 +322,8 @@ class CWAC(Defense):
             "max_length": int(ctx.max_length),
             "judge": judge_name,
         }
+        if cfg.anchor_margin_token:  # only when on, so the caches of the paper's rule keep their keys
+            key["margin"] = {"token": cfg.anchor_margin_token, "pool": cfg.anchor_margin_pool}
         if store is not None and store.exists(ANCHORS, key):
             _, meta = store.load(ANCHORS, key)
             self.stats["loaded"].append(ANCHORS)
@@ -332,10 +336,13 @@ class CWAC(Defense):
                 "add defense.cwac.anchor_sources"
             )
         n_tok = cfg.max_new_tokens_anchor_check
+        want = math.ceil(cfg.n_anchor * cfg.anchor_margin_pool) if cfg.anchor_margin_token else cfg.n_anchor
         with theta0(m):
             picked, answers, sel = A.select_anchors(
-                candidates, lambda ps: self._answers(m, ctx, ps, n_tok), outcomes, cfg.n_anchor
+                candidates, lambda ps: self._answers(m, ctx, ps, n_tok), outcomes, want
             )
+            if cfg.anchor_margin_token and picked:
+                picked, answers, sel["margin"] = self._thin(m, ctx, candidates, picked, answers)
         if not picked:
             raise SafeFTError(
                 f"CWAC: θ₀ refused none of the {sel['checked']} anchor candidates ({judge_name} judge on its greedy "
@@ -364,6 +371,42 @@ class CWAC(Defense):
             meta = {"anchors": anchors, "answers": answers, "info": info}
             store.save(ANCHORS, {"refused": torch.tensor([len(anchors)])}, meta=meta, config=key)
         return anchors, answers, key, info
+
+    def _thin(self, m, ctx, candidates, picked, answers) -> tuple[list[int], list[str], dict[str, Any]]:
+        """Keep the ``n_anchor`` refusals whose θ₀ first-token gap to ``anchor_margin_token`` is smallest."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        tok = ctx.tokenizer
+        ids = tok.encode(cfg.anchor_margin_token, add_special_tokens=False)
+        if not ids:
+            raise SafeFTError(
+                f"defense.cwac.anchor_margin_token={cfg.anchor_margin_token!r}: the tokenizer gives no token for it"
+            )
+        seqs = prompt_ids(tok, ctx.template, [candidates[i][1] for i in picked], int(ctx.max_length))
+        dev = device_of(m)
+        rows = []
+        with torch.no_grad():
+            for s in tqdm(seqs, desc="CWAC anchor margins", disable=not self.progress):
+                logits = m(input_ids=torch.tensor([s], device=dev)).logits[0, -1].float()
+                rows.append(torch.log_softmax(logits, -1).cpu())
+        gaps, _, _ = A.first_token_gap(torch.stack(rows), ids[0])
+        keep = A.thinnest(gaps, cfg.n_anchor)
+        kept = [gaps[k] for k in keep]
+        info = {
+            "token": cfg.anchor_margin_token,
+            "refusals_gathered": len(picked),
+            "kept": len(keep),
+            "median_gap_gathered": round(statistics.median(gaps), 4),
+            "median_gap_kept": round(statistics.median(kept), 4),
+            "max_gap_kept": round(max(kept), 4),
+        }
+        self.log(
+            f"CWAC: kept the {len(keep)} thinnest of {len(picked)} refusals (first-token gap to "
+            f"{cfg.anchor_margin_token!r}: median {info['median_gap_kept']:.2f} nats kept, "
+            f"{info['median_gap_gathered']:.2f} gathered)"
+        )
+        return [picked[k] for k in keep], [answers[k] for k in keep], info
 
     def _candidates(self, ctx) -> tuple[list[tuple[str, str]], dict[str, Any]]:
         cfg = self.config
