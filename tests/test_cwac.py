@@ -384,41 +384,67 @@ def test_thinnest_keeps_the_smallest_gaps_in_order():
 
 
 def test_anchor_margin_keeps_the_thinnest_refusals(tiny_tokenizer, tmp_path):
-    """anchor_margin_token: gather pool × n_anchor refusals, keep the n_anchor whose θ₀ first-token gap to the
-    token is smallest (checked against the gaps computed here), under their own cache key."""
-    from safeft.defenses.cwac.common import prompt_ids
+    """anchor_margin_token: gather pool × n_anchor refusals, keep the n_anchor whose θ₀ (adapters off) first-token
+    gap to the token is smallest, in candidate order with their own answers, under their own cache key."""
+    from safeft.defenses.cwac.common import prompt_ids, theta0
 
-    n = 6
+    n = 5  # 2n = 10 refusals: θ₀ refuses 12 of the 38 candidates here
     logs: list[str] = []
     cfg = CWACConfig(**{**FAST, "activation": False, "n_anchor": n, "anchor_margin_token": "Sure"})
     d = make(cfg, logs=logs)
     seen: list[str] = []
-    d.answer_fn = lambda _m, _t, ps, _tpl, _n: (seen.extend(ps), [REFUSAL] * len(ps))[1]
+
+    def answers(_m, _t, ps, _tpl, _n):  # θ₀ refuses every third candidate it checks, each in its own words
+        out = []
+        for p in ps:
+            seen.append(p)
+            out.append(f"{REFUSAL} ({p})" if len(seen) % 3 == 0 else f"Sure, here is {p}")
+        return out
+
+    d.answer_fn = answers
+    d.outcome_fn = lambda _ps, outs: ["refusal" if a.startswith(REFUSAL) else "other" for a in outs]
     model = lora(tiny_model())
+    with torch.no_grad():  # the adapted model differs from θ₀: the gaps must be read with the adapters off
+        for name, prm in model.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0, 0.5)
     ctx = ctx_for(tiny_tokenizer, tmp_path)
     s = d.prepare(model, ctx)
     margin = s["anchor_info"]["margin"]
     assert margin["refusals_gathered"] == 2 * n and margin["kept"] == n == len(d.anchors)
-    gathered = seen[: 2 * n]  # every candidate is refused here, so the first 2n checked are the ones gathered
+    gathered = [p for i, p in enumerate(seen, 1) if i % 3 == 0][: 2 * n]
     target = tiny_tokenizer.encode("Sure", add_special_tokens=False)[0]
-    with torch.no_grad():
+    assert margin["token_id"] == target
+    with torch.no_grad(), theta0(model):
         rows = [
             torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1], -1)
             for ids in prompt_ids(tiny_tokenizer, "chat", gathered, 128)
         ]
     gaps, _, _ = A.first_token_gap(torch.stack(rows), target)
-    want = [gathered[i] for i in sorted(range(2 * n), key=lambda i: gaps[i])[:n]]
-    assert sorted(d.anchors) == sorted(want) and d.anchors != gathered[:n]
+    want = [gathered[i] for i in sorted(sorted(range(2 * n), key=lambda i: gaps[i])[:n])]
+    assert d.anchors == want and d.anchors != gathered[:n]
+    assert d.answers == [f"{REFUSAL} ({p})" for p in want]
     assert margin["median_gap_kept"] <= margin["median_gap_gathered"]
     assert any("thinnest" in line for line in logs)
     # the paper's rule (off) has its own cache entry: it is computed, not loaded from the margin run's
     d2 = make(CWACConfig(**{**FAST, "activation": False, "n_anchor": n}))
     d2.prepare(lora(tiny_model()), ctx)
-    assert "cwac-anchors" in d2.stats["computed"] and d2.anchors == gathered[:n]
+    assert "cwac-anchors" in d2.stats["computed"]
+
+
+def test_anchor_margin_warns_when_the_pool_comes_up_short(tiny_tokenizer, tmp_path):
+    logs: list[str] = []
+    n = len(HARMFUL)  # every candidate is refused, yet 2 × n refusals cannot be found
+    cfg = CWACConfig(**{**FAST, "activation": False, "n_anchor": n, "anchor_margin_token": "Sure"})
+    d = make(cfg, logs=logs)
+    d.prepare(lora(tiny_model()), ctx_for(tiny_tokenizer, tmp_path))
+    assert any("fewer than the" in line and "anchor_margin_pool" in line for line in logs)
+    assert any("no thinning" in line for line in logs)
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("anchor_margin_pool", 0.5), ("anchor_margin_token", 3)]
+    ("field", "value"),
+    [("anchor_margin_pool", 0.5), ("anchor_margin_pool", 1), ("anchor_margin_token", 3), ("anchor_margin_token", " ")],
 )
 def test_anchor_margin_config_errors_name_the_field(field, value):
     with pytest.raises(SafeFTError, match=field):

@@ -116,11 +116,15 @@ class CWACConfig(DefenseConfig):
             )
         self.lam = check_number("cwac", "lam", self.lam, lo=0)
         self.hold_residual = check_number("cwac", "hold_residual", self.hold_residual, lo=0)
-        if not isinstance(self.anchor_margin_token, str):
+        if not isinstance(self.anchor_margin_token, str) or (
+            self.anchor_margin_token and not self.anchor_margin_token.strip()
+        ):
             raise config_error(
-                "cwac", "anchor_margin_token", self.anchor_margin_token, 'a string such as "Sure", or "" (off)'
+                "cwac", "anchor_margin_token", self.anchor_margin_token, 'a word such as "Sure", or "" (off)'
             )
-        self.anchor_margin_pool = check_number("cwac", "anchor_margin_pool", self.anchor_margin_pool, lo=1)
+        self.anchor_margin_pool = check_number(
+            "cwac", "anchor_margin_pool", self.anchor_margin_pool, lo=1, open_lo=True, note=" (1 keeps every refusal)"
+        )
         if self.hold_residual > 0 and not self.activation:
             raise config_error(
                 "cwac", "hold_residual", self.hold_residual, "0 when activation is false (it rides on its anchors)"

@@ -336,12 +336,20 @@ class CWAC(Defense):
                 "add defense.cwac.anchor_sources"
             )
         n_tok = cfg.max_new_tokens_anchor_check
-        want = math.ceil(cfg.n_anchor * cfg.anchor_margin_pool) if cfg.anchor_margin_token else cfg.n_anchor
+        want = cfg.n_anchor
+        if cfg.anchor_margin_token:  # round first: 100 × 1.1 is 110.00000000000001 in floats
+            want = math.ceil(round(cfg.n_anchor * cfg.anchor_margin_pool, 6))
         with theta0(m):
             picked, answers, sel = A.select_anchors(
                 candidates, lambda ps: self._answers(m, ctx, ps, n_tok), outcomes, want
             )
             if cfg.anchor_margin_token and picked:
+                if len(picked) < want:
+                    self.log(
+                        f"CWAC warning: θ₀ refused {len(picked)} of the {sel['checked']} anchor candidates, fewer "
+                        f"than the {want} anchor_margin_pool asks for; thinning {len(picked)} to "
+                        f"{min(cfg.n_anchor, len(picked))}: add defense.cwac.anchor_sources for a wider choice"
+                    )
                 picked, answers, sel["margin"] = self._thin(m, ctx, candidates, picked, answers)
         if not picked:
             raise SafeFTError(
@@ -373,37 +381,46 @@ class CWAC(Defense):
         return anchors, answers, key, info
 
     def _thin(self, m, ctx, candidates, picked, answers) -> tuple[list[int], list[str], dict[str, Any]]:
-        """Keep the ``n_anchor`` refusals whose θ₀ first-token gap to ``anchor_margin_token`` is smallest."""
+        """Keep the ``n_anchor`` refusals whose θ₀ first-token gap to ``anchor_margin_token`` is smallest (the
+        token's first id when it splits into several, with a warning)."""
         from tqdm.auto import tqdm
 
         cfg = self.config
         tok = ctx.tokenizer
-        ids = tok.encode(cfg.anchor_margin_token, add_special_tokens=False)
+        word = cfg.anchor_margin_token
+        ids = tok.encode(word, add_special_tokens=False)
         if not ids:
-            raise SafeFTError(
-                f"defense.cwac.anchor_margin_token={cfg.anchor_margin_token!r}: the tokenizer gives no token for it"
+            raise SafeFTError(f"defense.cwac.anchor_margin_token={word!r}: the tokenizer gives no token for it")
+        if len(ids) > 1:
+            self.log(
+                f"CWAC warning: defense.cwac.anchor_margin_token={word!r} is {len(ids)} tokens; the gap is read "
+                f"against the first, {tok.decode(ids[:1])!r}"
             )
         seqs = prompt_ids(tok, ctx.template, [candidates[i][1] for i in picked], int(ctx.max_length))
         dev = device_of(m)
-        rows = []
-        with torch.no_grad():
+        gaps: list[float] = []
+        with torch.no_grad():  # one prompt at a time: no padding, and one vocabulary row kept at once
             for s in tqdm(seqs, desc="CWAC anchor margins", disable=not self.progress):
-                logits = m(input_ids=torch.tensor([s], device=dev)).logits[0, -1].float()
-                rows.append(torch.log_softmax(logits, -1).cpu())
-        gaps, _, _ = A.first_token_gap(torch.stack(rows), ids[0])
+                logits = m(input_ids=torch.tensor([s], device=dev)).logits[0, -1:].float()
+                gaps += A.first_token_gap(torch.log_softmax(logits, -1).cpu(), ids[0])[0]
         keep = A.thinnest(gaps, cfg.n_anchor)
         kept = [gaps[k] for k in keep]
         info = {
-            "token": cfg.anchor_margin_token,
+            "token": word,
+            "token_id": int(ids[0]),
             "refusals_gathered": len(picked),
             "kept": len(keep),
             "median_gap_gathered": round(statistics.median(gaps), 4),
             "median_gap_kept": round(statistics.median(kept), 4),
             "max_gap_kept": round(max(kept), 4),
         }
+        what = (
+            f"kept the {len(keep)} thinnest of {len(picked)} refusals"
+            if len(keep) < len(picked)
+            else f"kept all {len(picked)} refusals (no thinning: no more than n_anchor were found)"
+        )
         self.log(
-            f"CWAC: kept the {len(keep)} thinnest of {len(picked)} refusals (first-token gap to "
-            f"{cfg.anchor_margin_token!r}: median {info['median_gap_kept']:.2f} nats kept, "
+            f"CWAC: {what} (first-token gap to {word!r}: median {info['median_gap_kept']:.2f} nats kept, "
             f"{info['median_gap_gathered']:.2f} gathered)"
         )
         return [picked[k] for k in keep], [answers[k] for k in keep], info
