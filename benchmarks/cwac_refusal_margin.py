@@ -20,7 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from safeft.defenses.cwac.anchors import first_token_gap
+from safeft.defenses.cwac.common import first_token_gaps
 from safeft.errors import SafeFTError
 
 
@@ -40,7 +40,6 @@ def main() -> None:
 
 
 def run(args) -> None:
-    import torch
     from cwac_anchor_refusals import cell_adapters, cell_anchors, cell_theta0, eval_records
     from peft import PeftModel
 
@@ -74,12 +73,10 @@ def run(args) -> None:
 
     def read(model) -> dict:
         out = {}
-        with torch.no_grad():
-            for g, ss in seqs.items():
-                rows = [torch.log_softmax(model(input_ids=torch.tensor([s])).logits[0, -1].float(), -1) for s in ss]
-                gap, p, top = first_token_gap(torch.stack(rows), target)
-                out[g] = {"n": len(ss), "median_gap": statistics.median(gap), "median_p": statistics.median(p),
-                          "target_top": sum(top)}
+        for g, ss in seqs.items():
+            gap, p, top = first_token_gaps(model, ss, target)
+            out[g] = {"n": len(ss), "median_gap": statistics.median(gap), "median_p": statistics.median(p),
+                      "target_top": sum(top)}
         return out
 
     base.eval()

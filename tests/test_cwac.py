@@ -14,6 +14,7 @@ from safeft.components import decoder_layers
 from safeft.defenses import DefenseContext, get_defense_class
 from safeft.defenses.cwac import CWAC, CWACConfig
 from safeft.defenses.cwac import anchors as A
+from safeft.defenses.cwac import common as C
 from safeft.defenses.cwac import features as F
 from safeft.defenses.cwac import subspace as S
 from safeft.defenses.cwac.config import CWACWeightConfig
@@ -378,7 +379,7 @@ def test_thinnest_keeps_the_smallest_gaps_in_order():
     assert A.thinnest([0.5, 0.5, 0.5], 2) == [0, 1]  # ties: earlier first
     assert A.thinnest([1.0], 5) == [0]
     lp = torch.log_softmax(torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0]]), -1)
-    gap, p, top = A.first_token_gap(lp, target=1)
+    gap, p, top = C.first_token_gap(lp, target=1)
     assert gap[0] == pytest.approx(2.0) and gap[1] == 0.0 and top == [False, True]
     assert p[1] == pytest.approx(torch.softmax(torch.tensor([0.0, 3.0, 0.0]), -1)[1].item())
 
@@ -420,7 +421,7 @@ def test_anchor_margin_keeps_the_thinnest_refusals(tiny_tokenizer, tmp_path):
             torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1], -1)
             for ids in prompt_ids(tiny_tokenizer, "chat", gathered, 128)
         ]
-    gaps, _, _ = A.first_token_gap(torch.stack(rows), target)
+    gaps, _, _ = C.first_token_gap(torch.stack(rows), target)
     want = [gathered[i] for i in sorted(sorted(range(2 * n), key=lambda i: gaps[i])[:n])]
     assert d.anchors == want and d.anchors != gathered[:n]
     assert d.answers == [f"{REFUSAL} ({p})" for p in want]

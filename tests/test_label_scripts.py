@@ -453,9 +453,12 @@ def test_cwac_refusal_margin_gap_of_the_echo_token():
 
     import torch
 
+    from safeft.defenses.cwac import common as mod  # the script reads its gaps through this helper
+
     spec = iu.spec_from_file_location("cwac_refusal_margin", ROOT / "benchmarks" / "cwac_refusal_margin.py")
-    mod = iu.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    script = iu.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.first_token_gaps is mod.first_token_gaps
     logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 0.5]])  # row 0: token 0 on top; row 1: the target on top
     gap, p, top = mod.first_token_gap(torch.log_softmax(logits, -1), target=1)
     assert gap == pytest.approx([2.0, 0.0]) and top == [False, True]

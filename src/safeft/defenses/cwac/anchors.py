@@ -2,8 +2,8 @@
 prompts (normalised text and near-duplicates), judged on θ₀'s own greedy answers; and their split into the sets
 each part of CWAC uses.
 
-Pure functions; θ₀'s answers and the judge come in as callables (``select_anchors``), θ₀'s first-token
-log-probabilities as a tensor (``first_token_gap``).
+Pure functions; θ₀'s answers and the judge come in as callables (``select_anchors``), θ₀'s first-token gaps as
+numbers (``thinnest``; read by :func:`safeft.defenses.cwac.common.first_token_gaps`).
 """
 
 from __future__ import annotations
@@ -256,14 +256,6 @@ def select_anchors(
         answers,
         {"checked": checked, "refused": len(picked), "outcomes": counts, "sources": per_source},
     )
-
-
-def first_token_gap(logprobs: torch.Tensor, target: int) -> tuple[list[float], list[float], list[bool]]:
-    """Per row of ``logprobs`` [n, vocab] (log-softmax at the generation header): the gap
-    log p(top) − log p(target) (0 when the target is the top token), p(target), and whether it is the top token."""
-    top = logprobs.max(dim=-1).values
-    tgt = logprobs[:, target]
-    return (top - tgt).tolist(), tgt.exp().tolist(), (logprobs.argmax(dim=-1) == target).tolist()
 
 
 def thinnest(gaps: Sequence[float], n: int) -> list[int]:

@@ -87,6 +87,36 @@ def prompt_ids(tokenizer: Any, template: str, prompts: Sequence[str], max_length
     return out
 
 
+def first_token_gap(logprobs: torch.Tensor, target: int) -> tuple[list[float], list[float], list[bool]]:
+    """Per row of ``logprobs`` [n, vocab] (log-softmax at the generation header): the gap
+    log p(top) − log p(target) (0 when the target is the top token), p(target), and whether it is the top token."""
+    top = logprobs.max(dim=-1).values
+    tgt = logprobs[:, target]
+    return (top - tgt).tolist(), tgt.exp().tolist(), (logprobs.argmax(dim=-1) == target).tolist()
+
+
+def first_token_gaps(
+    model: nn.Module, seqs: Sequence[Sequence[int]], target: int, desc: str | None = None
+) -> tuple[list[float], list[float], list[bool]]:
+    """:func:`first_token_gap` of ``model`` at the end of each token list (a formatted prompt, see
+    :func:`prompt_ids`): one prompt a forward pass (no padding), one vocabulary row held at a time. ``desc``: a
+    progress bar's label (none when ``None``)."""
+    from tqdm.auto import tqdm
+
+    dev = device_of(model)
+    gap: list[float] = []
+    p: list[float] = []
+    top: list[bool] = []
+    with torch.no_grad():
+        for s in tqdm(seqs, desc=desc, disable=desc is None):
+            logits = model(input_ids=torch.tensor([list(s)], device=dev)).logits[0, -1:].float()
+            g, q, t = first_token_gap(torch.log_softmax(logits, -1).cpu(), target)
+            gap += g
+            p += q
+            top += t
+    return gap, p, top
+
+
 def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     """Length of the longest token prefix shared by every sequence (0 for fewer than two sequences)."""
     if len(seqs) < 2:

@@ -42,6 +42,7 @@ from safeft.defenses.cwac.common import (
     device_of,
     digest,
     environment,
+    first_token_gaps,
     norm_text,
     pad_id,
     prompt_ids,
@@ -383,8 +384,6 @@ class CWAC(Defense):
     def _thin(self, m, ctx, candidates, picked, answers) -> tuple[list[int], list[str], dict[str, Any]]:
         """Keep the ``n_anchor`` refusals whose θ₀ first-token gap to ``anchor_margin_token`` is smallest (the
         token's first id when it splits into several, with a warning)."""
-        from tqdm.auto import tqdm
-
         cfg = self.config
         tok = ctx.tokenizer
         word = cfg.anchor_margin_token
@@ -397,12 +396,7 @@ class CWAC(Defense):
                 f"against the first, {tok.decode(ids[:1])!r}"
             )
         seqs = prompt_ids(tok, ctx.template, [candidates[i][1] for i in picked], int(ctx.max_length))
-        dev = device_of(m)
-        gaps: list[float] = []
-        with torch.no_grad():  # one prompt at a time: no padding, and one vocabulary row kept at once
-            for s in tqdm(seqs, desc="CWAC anchor margins", disable=not self.progress):
-                logits = m(input_ids=torch.tensor([s], device=dev)).logits[0, -1:].float()
-                gaps += A.first_token_gap(torch.log_softmax(logits, -1).cpu(), ids[0])[0]
+        gaps = first_token_gaps(m, seqs, ids[0], "CWAC anchor margins" if self.progress else None)[0]
         keep = A.thinnest(gaps, cfg.n_anchor)
         kept = [gaps[k] for k in keep]
         info = {
