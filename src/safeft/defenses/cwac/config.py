@@ -40,9 +40,11 @@ class CWACConfig(DefenseConfig):
     Weight subspace: energy, target_modules, layers, subspace_prompt_tokens / subspace_refusal_tokens (the
     decision positions), subspace_center, master_weights. Anchors: n_anchor, anchor_sources, anchor_judge,
     near_dup_threshold, max_new_tokens_anchor_check, anchor_margin_token / anchor_margin_pool (thin refusals).
-    SAE: sae_layers (or the old single sae_layer), n_sae_layers, sae_path, sae_width_factor, sae_k, sae_tokens, sae_steps, sae_batch_size, sae_lr, sae_aux_coef,
-    benign_fraction, sae_general_sources, keep_activations. Features: n_features, n_positions, causal_check,
-    causal_min_drop, require_causal. Training: anchor_batch, packed_anchors, activation_every.
+    SAE: sae_layers (or the old single sae_layer), n_sae_layers, sae_path, sae_width_factor, sae_k,
+    sae_tokens, sae_steps, sae_batch_size, sae_lr, sae_aux_coef, benign_fraction, sae_general_sources,
+    keep_activations.
+    Features: n_features, n_positions, causal_check, causal_min_drop, require_causal. Training: anchor_batch,
+    packed_anchors, activation_every.
     """
 
     weight: bool = True
